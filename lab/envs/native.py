@@ -1,0 +1,86 @@
+"""The runner as a plain child process of the lab, in a process group of its own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from .base import Env, Mount, RunResult
+
+
+def run_process_group(argv, *, timeout_s, env=None, cwd=None, preexec=None) -> RunResult:
+    """Run argv in a new session; on timeout kill the whole group (a hung kernel, a forked
+    helper, a compiler) with SIGKILL, so that nothing keeps running or holding the GPU."""
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+        preexec_fn=preexec,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        kill_group(proc.pid)
+        out, err = proc.communicate()
+        timed_out = True
+    except BaseException:
+        kill_group(proc.pid)  # Ctrl-C or an error in the lab: leave no runner behind
+        proc.wait()
+        raise
+    return RunResult(
+        returncode=None if timed_out else proc.returncode,
+        stdout=out,
+        stderr=err,
+        timed_out=timed_out,
+        seconds=time.monotonic() - start,
+    )
+
+
+def kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class NativeEnv(Env):
+    def __init__(self):
+        super().__init__(name="native")
+
+    def reference(self) -> str:
+        return "native"
+
+    def path_of(self, mount: Mount) -> str:
+        return str(mount.host)
+
+    def run(self, argv, *, mounts, timeout_s, cpus=None, gpus=None, env=None, network=False):
+        # Natively the network cannot be taken away without privileges; the runner still gets
+        # no secrets (see `scrubbed_environ`).
+        child_env = scrubbed_environ()
+        child_env.update(self.extra_env)
+        child_env.update(env or {})
+        if gpus is not None:
+            child_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        if argv and argv[0] == "python":
+            argv = [sys.executable] + argv[1:]
+        return run_process_group(argv, timeout_s=timeout_s, env=child_env, preexec=preexec)
+
+
+SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def scrubbed_environ() -> dict:
+    """The lab's environment without anything that looks like a secret: candidates are
+    evaluated without the API key."""
+    return {k: v for k, v in os.environ.items() if not any(m in k.upper() for m in SECRET_MARKERS)}

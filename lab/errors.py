@@ -1,0 +1,53 @@
+"""One exception class per kind of failure a user can hit.
+
+Every message says what is wrong and what to do; the CLI prints it as one line and exits 2.
+"""
+
+
+class LabError(Exception):
+    """Base of every error the lab reports to a user as one line."""
+
+
+class MissingExtra(LabError):
+    def __init__(self, module: str, extra: str):
+        super().__init__(
+            f"the Python package '{module}' is not installed; install it with "
+            f"`pip install -e '.[{extra}]'` (the [{extra}] extra)"
+        )
+        self.module, self.extra = module, extra
+
+
+class HarnessNotFound(LabError):
+    pass
+
+
+class HarnessContractError(LabError):
+    """A harness folder that does not follow the contract of lab.Harness."""
+
+
+class LockedFileChanged(LabError):
+    """A file of the harness outside its editable surface differs from the lock manifest."""
+
+
+class PatchRejected(LabError):
+    """A candidate patch that the workspace guard refuses (outside the surface, duplicate, not applicable)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"patch rejected: {reason}" + (f" ({detail})" if detail else ""))
+        self.reason, self.detail = reason, detail
+
+
+class RunFolderError(LabError):
+    """A run folder that is missing, locked by a newer lab, or damaged."""
+
+
+class EnvironmentUnavailable(LabError):
+    """The requested evaluation environment (GPU, Docker engine, Nix, API key) is not there."""
+
+
+class FingerprintMismatch(LabError):
+    """Two results from different machines or software would be compared."""
+
+
+class BundleError(LabError):
+    """A bundle that is malformed, truncated, or does not match the local harness."""

@@ -1,0 +1,195 @@
+"""Typed records that serialise to JSON: one schema, written in one place.
+
+Every record the lab writes (a build, a check, a timed sample, a verdict, a whole evaluation)
+is one of these dataclasses. `to_dict` / `from_dict` are the only serialisers; `SCHEMA_VERSION`
+is stamped on every evaluation record and run folder so that an older lab refuses newer data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+# Verdicts. KEEP/SAME/WORSE come from the statistics; the others from the oracle and runner.
+KEEP, SAME, WORSE = "KEEP", "SAME", "WORSE"
+FAIL, CRASH, TIMEOUT, REJECTED = "FAIL", "CRASH", "TIMEOUT", "REJECTED"
+VERDICTS = (KEEP, SAME, WORSE, FAIL, CRASH, TIMEOUT, REJECTED)
+
+
+class Record:
+    """Mixin: JSON round trip for dataclasses, recursing into nested records and lists of them."""
+
+    def to_dict(self) -> dict:
+        return _clean(dataclasses.asdict(self))
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                kwargs[f.name] = _load(hints[f.name], data[f.name])
+        return cls(**kwargs)
+
+
+def _clean(value):
+    """NaN and infinities are not JSON: store them as null so every reader can parse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _load(hint, value):
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _load(inner[0], value) if len(inner) == 1 else value
+    if origin is list and args:
+        return [_load(args[0], v) for v in value]
+    if isinstance(hint, type) and issubclass(hint, Record):
+        return hint.from_dict(value)
+    return value
+
+
+@dataclass
+class Metric(Record):
+    """What a harness reports: e.g. Metric("throughput_sps", "samples/s", higher_is_better=True)."""
+
+    name: str
+    unit: str
+    higher_is_better: bool = True
+
+
+@dataclass
+class Environment(Record):
+    """Where a harness is evaluated: a pinned image, a Nix dev shell, or natively."""
+
+    image: str = ""  # reference pinned by digest, e.g. 127.0.0.1:5000/lab/wavegru@sha256:...
+    dockerfile: str = ""  # relative to the lab's repository root
+    nix_shell: str = ""  # a flake output, e.g. .#cuda
+    needs_gpu: bool = False
+
+
+@dataclass
+class Build(Record):
+    ok: bool
+    source_hash: str  # sha256 over the editable files that went in
+    artifact: str = ""  # path of the built artifact
+    artifact_sha256: str = ""
+    report: str = ""  # compiler report (registers, spills, warnings)
+    error: str = ""  # compiler errors when ok is False
+    seconds: float = 0.0
+    cached: bool = False
+    info: dict = field(default_factory=dict)  # harness-specific numbers (registers, smem, ...)
+
+
+@dataclass
+class CheckItem(Record):
+    name: str
+    passed: bool
+    values: dict = field(default_factory=dict)
+    detail: str = ""
+
+
+@dataclass
+class Check(Record):
+    passed: bool
+    items: list[CheckItem] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)  # human-readable, in the harness's own line format
+    output_hashes: dict = field(default_factory=dict)  # name -> sha256 of outputs, for bit-identity
+    seconds: float = 0.0
+
+    def failures(self) -> list[str]:
+        return [f"{i.name}: {i.detail}" if i.detail else i.name for i in self.items if not i.passed]
+
+
+@dataclass
+class Sample(Record):
+    """One timed unit of the metric: a fixed amount of work, verified by the harness itself."""
+
+    seconds: float  # time of the unit on the harness's own clock (device events for GPUs)
+    value: float  # the metric for this unit (e.g. samples/s)
+    ok: bool = True  # the unit's own outputs passed the harness's check
+    wall_seconds: float = 0.0  # host clock around the same unit, to cross-check `seconds`
+    work: dict = field(default_factory=dict)  # counters of work done (steps, tokens, streams)
+    detail: str = ""
+
+
+@dataclass
+class Pair(Record):
+    """One interleaved pair: the incumbent and the candidate, timed back to back."""
+
+    index: int
+    order: str  # "AB" when the incumbent ran first, "BA" otherwise
+    incumbent: Sample
+    candidate: Sample
+    block: int = 0  # telemetry block this pair belongs to
+
+    def log_ratio(self) -> float:
+        return math.log(self.candidate.seconds / self.incumbent.seconds)
+
+
+@dataclass
+class TelemetryBlock(Record):
+    index: int
+    sm_clock_mhz: float | None = None
+    mem_clock_mhz: float | None = None
+    power_w: float | None = None
+    temperature_c: float | None = None
+    reasons: list[str] = field(default_factory=list)
+    throttled: bool = False  # thermal or hardware slowdown seen: the block's pairs are dropped
+
+
+@dataclass
+class Verdict(Record):
+    status: str  # one of VERDICTS
+    reason: str = ""
+    median: float | None = None  # median per-pair log(t_candidate / t_incumbent)
+    ci_low: float | None = None
+    ci_high: float | None = None
+    delta: float | None = None  # the decision threshold as a fraction (0.005 = 0.5 %)
+    pairs: int = 0
+    dropped_pairs: int = 0
+    needs_confirmation: bool = False
+
+    @property
+    def speedup(self) -> float | None:
+        """Incumbent time over candidate time (2.0 = twice as fast)."""
+        return None if self.median is None else math.exp(-self.median)
+
+
+@dataclass
+class Evaluation(Record):
+    """What one runner process writes: builds, the candidate's check, the paired samples."""
+
+    harness: str
+    incumbent_build: Build | None = None
+    candidate_build: Build | None = None
+    check: Check | None = None
+    pairs: list[Pair] = field(default_factory=list)
+    telemetry: list[TelemetryBlock] = field(default_factory=list)
+    fingerprint: dict = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)
+    status: str = ""  # "" when the timing ran; FAIL/CRASH with `reason` otherwise
+    reason: str = ""
+    seconds: float = 0.0
+    timing_seconds: float = 0.0
+    work: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
