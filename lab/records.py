@@ -20,7 +20,8 @@ SCHEMA_VERSION = 1
 # Verdicts. KEEP/SAME/WORSE come from the statistics; the others from the oracle and runner.
 KEEP, SAME, WORSE = "KEEP", "SAME", "WORSE"
 FAIL, CRASH, TIMEOUT, REJECTED = "FAIL", "CRASH", "TIMEOUT", "REJECTED"
-VERDICTS = (KEEP, SAME, WORSE, FAIL, CRASH, TIMEOUT, REJECTED)
+PASS = "PASS"  # a check-only evaluation whose oracle passed (no timing, so no speed verdict)
+VERDICTS = (KEEP, SAME, WORSE, FAIL, CRASH, TIMEOUT, REJECTED, PASS)
 
 
 class Record:

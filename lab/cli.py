@@ -1,0 +1,378 @@
+"""The `lab` command. Thin: each command parses its options and calls one module function."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import LabError
+
+ENV_OPTION = click.option("--env", "env_name", type=click.Choice(["native", "docker", "nix"]),
+                          default="native", show_default=True, help="where the runner runs")
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+RUNS_OPTION = click.option("--runs", "runs_dir", type=click.Path(file_okay=False, path_type=Path),
+                           default=Path("runs"), show_default=True, help="folder of run folders")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=1, default=str))
+
+
+def _table(title: str, columns: list[str], rows: list[list]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[str(x) for x in r])
+    _console().print(table)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lab")
+def cli():
+    """A reproducible benchmark lab: an agent proposes, the lab measures and decides."""
+
+
+# --- harnesses ---------------------------------------------------------------------------------
+@cli.command()
+@JSON_OPTION
+def harnesses(as_json):
+    """List the harnesses found, with their editable surfaces and environments."""
+    from .harness import available, load
+
+    found = []
+    for name, folder in available().items():
+        try:
+            found.append(load(folder).describe())
+        except LabError as exc:
+            found.append({"name": name, "root": str(folder), "error": str(exc)})
+    if as_json:
+        return _print_json(found)
+    _table("harnesses", ["name", "metric", "editable", "environment", "description"], [
+        [h["name"], h.get("metric", {}).get("name", "?"), ", ".join(h.get("editable", [])),
+         _env_text(h.get("environment", {})), h.get("description") or h.get("error", "")]
+        for h in found
+    ])
+
+
+def _env_text(env: dict) -> str:
+    parts = [p for p in (env.get("image"), env.get("dockerfile"), env.get("nix_shell")) if p]
+    return (" | ".join(parts) or "native") + (" (GPU)" if env.get("needs_gpu") else "")
+
+
+@cli.command()
+@click.argument("harness")
+def lock(harness):
+    """Record the sha256 of every locked file of HARNESS in its lock.json."""
+    from .harness import load, write_lock
+
+    path = write_lock(load(harness))
+    click.echo(f"wrote {path}")
+
+
+# --- single evaluations ---------------------------------------------------------------------
+def _one_evaluation(harness_name, src, against, env_name, mode, runs_dir, delta=None):
+    from . import stats
+    from .envs import get
+    from .evaluate import run_evaluation
+    from .harness import load
+    from .store import new_run_id
+
+    harness = load(harness_name)
+    harness.preflight()
+    env = get(env_name, harness)
+    env.preflight()
+    src = Path(src) if src else harness.root
+    work = runs_dir / "records" / f"{new_run_id(harness.name)}-{mode}"
+    outcome = run_evaluation(harness, src, work, env=env, mode=mode,
+                             incumbent_tree=Path(against) if against else harness.root,
+                             delta=delta or stats.MIN_DELTA)
+    return harness, outcome
+
+
+def _report(harness, outcome, as_json) -> None:
+    ev, v = outcome.evaluation, outcome.verdict
+    if as_json:
+        return _print_json({"verdict": v.to_dict(), "speedup": v.speedup, "record": str(outcome.record_path),
+                            "check": ev.check.to_dict() if ev.check else None, "reason": ev.reason})
+    if ev.check:
+        for line in ev.check.lines:
+            click.echo(line)
+    if ev.pairs:
+        import statistics
+
+        a = statistics.median(p.incumbent.value for p in ev.pairs)
+        b = statistics.median(p.candidate.value for p in ev.pairs)
+        click.echo(f"{harness.metric.name}: incumbent {a:.6g}, candidate {b:.6g} {harness.metric.unit}")
+    text = f"verdict: {v.status}"
+    if v.speedup is not None and v.ci_low is not None:
+        import math
+
+        text += (f"  speedup {v.speedup:.4f}x (99% CI {math.exp(-v.ci_high):.4f}-{math.exp(-v.ci_low):.4f}, "
+                 f"{v.pairs} pairs, delta {v.delta * 100:.2f}%)")
+    if v.reason or ev.reason:
+        text += f"  — {v.reason or ev.reason}"
+    click.echo(text)
+    click.echo(f"record: {outcome.record_path}")
+
+
+@cli.command()
+@click.argument("harness")
+@click.option("--src", type=click.Path(exists=True, file_okay=False), help="tree to check (default: the harness's own)")
+@ENV_OPTION
+@RUNS_OPTION
+@JSON_OPTION
+def check(harness, src, env_name, runs_dir, as_json):
+    """Build a tree of HARNESS and run its oracle; print and record the verdict."""
+    h, outcome = _one_evaluation(harness, src, None, env_name, "check", runs_dir)
+    _report(h, outcome, as_json)
+    sys.exit(0 if outcome.verdict.status == "PASS" else 1)
+
+
+@cli.command()
+@click.argument("harness")
+@click.option("--src", type=click.Path(exists=True, file_okay=False), help="candidate tree (default: the harness's own)")
+@click.option("--against", type=click.Path(exists=True, file_okay=False), help="incumbent tree (default: the harness's own)")
+@click.option("--delta", type=float, help="decision threshold as a fraction (default 0.005)")
+@ENV_OPTION
+@RUNS_OPTION
+@JSON_OPTION
+def bench(harness, src, against, delta, env_name, runs_dir, as_json):
+    """One paired evaluation: candidate (--src) against incumbent (--against)."""
+    h, outcome = _one_evaluation(harness, src, against, env_name, "evaluate", runs_dir, delta)
+    _report(h, outcome, as_json)
+
+
+@cli.command()
+@click.argument("harness")
+@click.option("--pairs", type=int, default=0, help="at least this many pairs (default: the harness's)")
+@ENV_OPTION
+@RUNS_OPTION
+@JSON_OPTION
+def noise(harness, pairs, env_name, runs_dir, as_json):
+    """Measure the A/A noise floor of HARNESS on this machine."""
+    from . import stats
+    from .envs import get
+    from .evaluate import run_evaluation
+    from .harness import load
+    from .store import new_run_id
+
+    h = load(harness)
+    h.preflight()
+    env = get(env_name, h)
+    env.preflight()
+    work = runs_dir / "records" / f"{new_run_id(h.name)}-noise"
+    outcome = run_evaluation(h, h.root, work, env=env, mode="aa", min_pairs=pairs or None)
+    ev = outcome.evaluation
+    if ev.status or not ev.pairs:
+        raise LabError(f"no A/A measurement: {ev.status} {ev.reason}")
+    report = stats.noise_report(stats.log_ratios(ev.pairs), ev.telemetry)
+    report["record"] = str(outcome.record_path)
+    if as_json:
+        return _print_json(report)
+    _table(f"A/A noise of {h.name}", ["quantity", "value"], [[k, v] for k, v in report.items()])
+
+
+@cli.command()
+@click.argument("harness")
+@click.option("--src", type=click.Path(exists=True, file_okay=False), help="tree to profile (default: the harness's own)")
+def profile(harness, src):
+    """A profile digest of a build (for the agent; never used for a verdict)."""
+    from .harness import load, stage_editable
+    from .runner import build_cached, default_cache
+    from .store import new_run_id
+
+    h = load(harness)
+    h.preflight()
+    stage = default_cache() / "profile-stage" / new_run_id(h.name)
+    stage_editable(h, Path(src) if src else h.root, stage)
+    build = build_cached(h, stage, default_cache())
+    if not build.ok:
+        raise LabError(f"the tree does not build: {build.error[-800:]}")
+    click.echo(h.profile(build))
+
+
+# --- runs ------------------------------------------------------------------------------------
+def _display(quiet: bool):
+    if quiet:
+        return None
+    console = _console()
+    return lambda text: console.log(text)
+
+
+@cli.command("try")
+@click.argument("harness")
+@click.argument("patch", type=click.Path(exists=True, dir_okay=False))
+@click.option("-m", "--hypothesis", default="", help="one line: what should get faster and why")
+@click.option("--run", "run_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="add the experiment to this run (default: a new run of kind 'try')")
+@click.option("--no-confirm", is_flag=True, help="skip the confirming run of a KEEP")
+@ENV_OPTION
+@RUNS_OPTION
+@JSON_OPTION
+def try_(harness, patch, hypothesis, run_path, no_confirm, env_name, runs_dir, as_json):
+    """A person's idea through the same gate as an agent's: apply PATCH, evaluate, decide."""
+    from .agents import Proposal
+    from .envs import get
+    from .harness import load
+    from .loop import Lab, Settings
+
+    h = load(harness)
+    h.preflight()
+    env = get(env_name, h)
+    env.preflight()
+    settings = Settings(confirm=not no_confirm, env=env_name, agent="manual")
+    lab = (Lab.resume(run_path, h, env, display=_display(as_json)) if run_path
+           else Lab.start(h, runs_dir, env, settings, display=_display(as_json), kind="try"))
+    if lab.state().noise_floor is None:
+        lab.measure_noise()
+    text = Path(patch).read_text()
+    event = lab.experiment(Proposal(patch=text, hypothesis=hypothesis or Path(patch).stem))
+    if as_json:
+        return _print_json({"run": str(lab.folder.path), "event": event})
+    status = event.get("verdict", {}).get("status") or f"REJECTED ({event.get('reason')}: {event.get('detail', '')})"
+    click.echo(f"#{event['number']} {status}: {event.get('description', '')}"
+               + (f" — {event['verdict']['reason']}" if event.get("verdict", {}).get("reason") else ""))
+    click.echo(f"run: {lab.folder.path}")
+
+
+@cli.command()
+@click.argument("run_path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@JSON_OPTION
+def log(run_path, as_json):
+    """Show a run's log (rebuilt from its events)."""
+    from .store import RunFolder
+
+    folder = RunFolder.open(run_path)
+    folder.render()
+    if as_json:
+        return _print_json(folder.events())
+    click.echo((folder.path / "log.md").read_text())
+    click.echo((folder.path / "results.tsv").read_text())
+
+
+@cli.command()
+@RUNS_OPTION
+@JSON_OPTION
+def status(runs_dir, as_json):
+    """List the runs under --runs with their progress."""
+    from .loop import RunState
+    from .store import RunFolder
+
+    rows = []
+    for path in sorted(runs_dir.glob("*/run.json")):
+        folder = RunFolder.open(path.parent)
+        events = folder.events()
+        st = RunState.from_events(events, folder.meta)
+        rows.append({"run": path.parent.name, "harness": folder.meta.get("harness"), "proposals": st.proposed,
+                     "verdicts": st.verdicts, "kept": len(st.kept), "best_speedup": round(st.best_speedup, 4),
+                     "spent_usd": round(st.spent_usd, 4), "last": events[-1]["type"] if events else "",
+                     "updated": events[-1]["time"] if events else ""})
+    if as_json:
+        return _print_json(rows)
+    _table("runs", ["run", "harness", "proposals", "kept", "best", "$", "last event", "updated"],
+           [[r["run"], r["harness"], r["proposals"], r["kept"], f"{r['best_speedup']}x", r["spent_usd"],
+             r["last"], r["updated"]] for r in rows])
+
+
+def parse_duration(text: str) -> float:
+    """'8h', '45m', '90s', '1h30m' -> seconds."""
+    import re
+
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", text)
+    if not parts or not any(parts.groups()):
+        raise click.BadParameter(f"'{text}' is not a duration; write e.g. 8h, 45m, 90s or 1h30m")
+    h, m, s = (float(g) if g else 0.0 for g in parts.groups())
+    return h * 3600 + m * 60 + s
+
+
+@cli.command()
+@click.argument("harness", required=False)
+@click.option("--budget", default="8h", show_default=True, help="wall-clock budget, e.g. 8h, 45m")
+@click.option("--max-experiments", type=int, default=0, help="stop after this many proposals")
+@click.option("--max-usd", type=float, default=0.0, help="stop when the agent has spent this much")
+@click.option("--agent", "agent_spec", default="anthropic", show_default=True,
+              help="anthropic | command:CMD | replay:FILE")
+@click.option("--model", default=None, help="model id for the anthropic agent")
+@click.option("--web-search", is_flag=True, help="let the research step use the API's web search")
+@click.option("--delta", type=float, help="decision threshold as a fraction (default: from the noise floor)")
+@click.option("--gpu", "gpu_index", type=int, default=0, show_default=True)
+@click.option("--resume", "resume_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="continue this run folder")
+@click.option("--quiet", is_flag=True)
+@ENV_OPTION
+@RUNS_OPTION
+def run(harness, budget, max_experiments, max_usd, agent_spec, model, web_search, delta, gpu_index,
+        resume_path, quiet, env_name, runs_dir):
+    """The main job: let an agent hill-climb HARNESS until a budget ends."""
+    from .agents import make_agent
+    from .envs import get
+    from .harness import load
+    from .loop import Lab, Settings
+
+    if resume_path and not harness:
+        from .store import RunFolder
+
+        harness = RunFolder.open(resume_path).meta.get("harness_root")
+    if not harness:
+        raise click.UsageError("name a harness (see `lab harnesses`) or give --resume RUN")
+    h = load(harness)
+    h.preflight()  # no GPU: stop now, before an agent or a run folder exists
+    env = get(env_name, h)
+    env.preflight()
+    agent = make_agent(agent_spec, model=model, web_search=web_search)  # no key: stops here
+    settings = Settings(budget_s=parse_duration(budget), max_experiments=max_experiments, max_usd=max_usd,
+                        delta=delta, env=env_name, gpu_index=gpu_index, agent=agent_spec, model=model)
+    display = _display(quiet)
+    lab = (Lab.resume(resume_path, h, env, settings, display=display) if resume_path
+           else Lab.start(h, runs_dir, env, settings, display=display))
+    click.echo(f"run folder: {lab.folder.path} (branch {lab.folder.meta['branch']})")
+    started = time.monotonic()
+    reason = lab.loop(agent, started=started)
+    summary = lab.summary()
+    click.echo(f"stopped: {reason}")
+    _print_summary(summary)
+
+
+def _print_summary(s: dict) -> None:
+    click.echo(f"best: {s['best_speedup']:.4f}x over the baseline ({s['metric']} baseline "
+               f"{s['baseline_metric']})" if s["baseline_metric"] is not None else "no baseline measured")
+    click.echo(f"kept commits: {', '.join(f'{c} ({g:.4f}x)' for c, g in s['kept']) or 'none'}")
+    click.echo("experiments by verdict: " + (", ".join(f"{k} {v}" for k, v in sorted(s["verdicts"].items())) or "none")
+               + f"; rejected {s['rejected']}")
+    click.echo(f"spent: ${s['spent_usd']:.2f}; noise floor {s['noise_floor']}; delta {s['delta']}")
+    click.echo(f"run folder: {s['run']}  branch: {s['branch']}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except LabError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("stopped now; the run folder is consistent: resume it with `lab run --resume RUN`", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""The experiment loop: propose, apply, build, check, time, keep or discard, record.
+
+The lab runs the loop, not a prompt. Every state change is appended to events.jsonl before the
+lab acts on it, so a run killed at any point resumes from its folder alone: the experiment that
+was in flight is evaluated again from its ledger entry (it never finished, so it is not run
+twice), and one whose keep was decided but not yet committed is committed.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import stats
+from .agents import Agent, AgentContext, AgentFatal, Proposal
+from .envs import Env
+from .errors import LabError, PatchRejected
+from .evaluate import Outcome, run_evaluation
+from .harness import Harness, stage_editable
+from .records import CRASH, FAIL, KEEP, SAME, TIMEOUT, WORSE
+from .store import RunFolder, new_run_id
+from .workspace import Workspace, git, source_repo
+
+STATUS_OF = {KEEP: "keep", SAME: "discard", WORSE: "discard", FAIL: "fail", CRASH: "crash",
+             TIMEOUT: "crash"}
+
+
+@dataclass
+class Settings:
+    budget_s: float = 8 * 3600
+    max_experiments: int = 0  # 0: no limit
+    max_usd: float = 0.0  # 0: no limit
+    delta: float | None = None  # None: from the A/A noise floor
+    confirm: bool = True
+    canary_every: int = 10
+    max_consecutive_failures: int = 8
+    plateau_after: int = 25
+    env: str = "native"
+    gpu_index: int = 0
+    agent: str = "anthropic"
+    model: str | None = None
+
+
+@dataclass
+class RunState:
+    """What the events say: rebuilt on every resume, never stored separately."""
+
+    base_commit: str = ""
+    incumbent_commit: str = ""
+    delta: float = stats.MIN_DELTA
+    noise_floor: float | None = None
+    baseline_metric: float | None = None
+    proposed: int = 0
+    tried_hashes: set = field(default_factory=set)
+    verdicts: dict = field(default_factory=dict)
+    spent_usd: float = 0.0
+    evaluation_seconds: list = field(default_factory=list)
+    since_keep: int = 0
+    consecutive_failures: int = 0
+    pending: dict | None = None  # the proposal in flight when the last process stopped
+    pending_keep: dict | None = None  # a keep decided but not yet committed
+    kept: list = field(default_factory=list)
+    best_speedup: float = 1.0
+
+    @classmethod
+    def from_events(cls, events: list[dict], meta: dict) -> "RunState":
+        st = cls(base_commit=meta.get("base_commit", ""), incumbent_commit=meta.get("base_commit", ""))
+        open_proposal = None
+        for e in events:
+            t = e["type"]
+            if t == "noise_floor":
+                st.noise_floor, st.delta = e["noise_floor"], e["delta"]
+            elif t == "baseline":
+                st.baseline_metric = e.get("metric")
+            elif t == "proposed":
+                st.proposed = max(st.proposed, e["number"])
+                st.spent_usd += e.get("cost_usd", 0.0)
+                open_proposal = dict(e)
+            elif t == "agent_failed":
+                st.spent_usd += e.get("cost_usd", 0.0)
+            elif t == "rejected":
+                open_proposal = None
+            elif t == "evaluating":
+                st.tried_hashes.add(e["source_hash"])
+                if open_proposal is not None:
+                    open_proposal["evaluating"] = e
+            elif t == "evaluated":
+                open_proposal = None
+                status = e["verdict"]["status"]
+                st.verdicts[status] = st.verdicts.get(status, 0) + 1
+                st.evaluation_seconds.append(e.get("seconds", 0.0))
+                if e["status"] == "keep":
+                    st.pending_keep = e
+                    st.since_keep = 0
+                else:
+                    st.since_keep += 1
+                st.consecutive_failures = st.consecutive_failures + 1 if status in (FAIL, CRASH, TIMEOUT) else 0
+            elif t == "kept":
+                st.incumbent_commit = e["commit"]
+                st.kept.append(e)
+                st.best_speedup = e.get("cumulative_speedup", st.best_speedup)
+                st.pending_keep = None
+        st.pending = open_proposal
+        return st
+
+
+class Interrupts:
+    """Ctrl-C once: finish the experiment in flight, record it, stop. Twice: stop now (the
+    runner's process group is killed; the run stays consistent and resumable)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous or signal.SIG_DFL)
+        return False
+
+
+class Lab:
+    """One run: its folder, harness, environment and worktree."""
+
+    def __init__(self, folder: RunFolder, harness: Harness, env: Env, settings: Settings,
+                 display=None):
+        self.folder = folder
+        self.harness = harness
+        self.env = env
+        self.settings = settings
+        self.workspace = Workspace.attach(harness, folder.worktree)
+        self.incumbent_dir = folder.path / "incumbent"
+        self.say = display or (lambda text: None)
+
+    # --- creation and resumption ---------------------------------------------------------
+    @classmethod
+    def start(cls, harness: Harness, runs_dir: Path, env: Env, settings: Settings, display=None,
+              kind: str = "run") -> "Lab":
+        repo, prefix = source_repo(harness)
+        run_id = new_run_id(harness.name)
+        base = git(repo, "rev-parse", "HEAD").strip()
+        folder = RunFolder.create(runs_dir, run_id, {
+            "harness": harness.name, "harness_root": str(harness.root), "kind": kind,
+            "base_commit": base, "branch": f"lab/{run_id}", "repo": str(repo), "prefix": prefix,
+            "harness_lock": harness.lock_digest(), "environment": env.reference(),
+            "settings": asdict(settings),
+        })
+        Workspace.create(harness, folder.worktree, f"lab/{run_id}", base)
+        lab = cls(folder, harness, env, settings, display)
+        stage_editable(harness, lab.workspace.tree, lab.incumbent_dir)
+        folder.append("run_started", text=f"{kind} of {harness.name} from {base[:12]} in {env.reference()}")
+        folder.render()
+        return lab
+
+    @classmethod
+    def resume(cls, path: Path, harness: Harness, env: Env, settings: Settings | None = None,
+               display=None) -> "Lab":
+        folder = RunFolder.open(path)
+        meta = folder.meta
+        if meta.get("harness") != harness.name:
+            raise LabError(f"{path} is a run of '{meta.get('harness')}', not of '{harness.name}'")
+        if meta.get("harness_lock") != harness.lock_digest():
+            raise LabError(f"the locked files of '{harness.name}' changed since {path} started; "
+                           "resume with the harness as it was (git checkout) or start a new run")
+        settings = settings or Settings(**meta.get("settings", {}))
+        lab = cls(folder, harness, env, settings, display)
+        state = lab.state()
+        if state.pending_keep is not None:
+            lab._commit_keep(state.pending_keep, state)
+            state = lab.state()
+        lab.workspace.reset(state.incumbent_commit)
+        stage_editable(harness, lab.workspace.tree, lab.incumbent_dir)
+        folder.append("resumed", text=f"at {state.incumbent_commit[:12]} after {state.proposed} proposals")
+        return lab
+
+    def state(self) -> RunState:
+        return RunState.from_events(self.folder.events(), self.folder.meta)
+
+    # --- measurement of the incumbent -----------------------------------------------------
+    def _evaluate(self, number: str, mode: str, delta: float) -> Outcome:
+        work = self.folder.path / "evaluations" / number
+        if work.exists():
+            shutil.rmtree(work)
+        return run_evaluation(
+            self.harness, self.workspace.tree, work, env=self.env, mode=mode,
+            incumbent_tree=self.incumbent_dir if mode == "evaluate" else None,
+            delta=delta, gpu_index=self.settings.gpu_index,
+            fingerprint_extra={"run": self.folder.meta["id"]},
+        )
+
+    def measure_noise(self, label: str = "baseline") -> Outcome:
+        """The incumbent against itself: checks it, gives the A/A noise floor and delta."""
+        self.say(f"measuring the A/A noise floor ({label})")
+        state = self.state()
+        outcome = self._evaluate(f"{label}-{len(self.folder.events())}", "aa", state.delta)
+        ev = outcome.evaluation
+        if ev.status or not ev.pairs:
+            raise LabError(f"the incumbent cannot be measured ({outcome.verdict.status}: "
+                           f"{outcome.verdict.reason or ev.reason}); see {outcome.record_path}")
+        ratios = stats.log_ratios(ev.pairs)
+        noise = stats.noise_floor(ratios)
+        delta = self.settings.delta if self.settings.delta else stats.delta_for(noise)
+        metric = statistics.median(p.incumbent.value for p in ev.pairs)
+        if label == "baseline":
+            self.folder.append("baseline", metric=metric, metric_name=self.harness.metric.name,
+                               unit_seconds=statistics.median(p.incumbent.seconds for p in ev.pairs),
+                               record=str(outcome.record_path.relative_to(self.folder.path)),
+                               fingerprint=ev.fingerprint)
+        self.folder.append("noise_floor", noise_floor=noise, delta=delta, pairs=len(ratios),
+                           report=stats.noise_report(ratios, ev.telemetry), label=label)
+        self.folder.render()
+        return outcome
+
+    def canary(self) -> None:
+        """An A/A evaluation in the middle of a run: a KEEP or WORSE means the machine is noisy."""
+        state = self.state()
+        outcome = self._evaluate(f"canary-{state.proposed}", "aa", state.delta)
+        status = outcome.verdict.status
+        self.folder.append("canary", text=f"A/A canary: {status}", verdict=outcome.verdict.to_dict(),
+                           at=state.proposed)
+        if status in (KEEP, WORSE):
+            self.folder.append("note", text="the A/A canary was not SAME: the machine is noisier than "
+                               "measured; re-measuring the noise floor and widening delta")
+            old = state.delta
+            self.measure_noise(label="canary")
+            new = max(self.state().delta, old * 1.5)
+            self.folder.append("noise_floor", noise_floor=self.state().noise_floor, delta=new,
+                               label="widened", pairs=0, report={})
+        self.folder.render()
+
+    # --- one experiment ---------------------------------------------------------------------
+    def experiment(self, proposal: Proposal, number: int | None = None, replay: dict | None = None) -> dict:
+        """Take one proposal through the gate; returns the `evaluated` or `rejected` event."""
+        state = self.state()
+        if replay is None:
+            number = state.proposed + 1
+            entry = self.folder.write_ledger(number, proposal.patch, {
+                "number": number, "hypothesis": proposal.hypothesis, "cost_usd": proposal.cost_usd,
+                "usage": proposal.usage, "transcript": proposal.transcript,
+            })
+            self.folder.append("proposed", number=number, hypothesis=proposal.hypothesis,
+                               ledger=entry, cost_usd=proposal.cost_usd)
+        message = f"lab #{number}: {proposal.hypothesis}".strip()
+        tried = set(state.tried_hashes)
+        if replay is not None and replay.get("evaluating"):
+            tried.discard(replay["evaluating"]["source_hash"])  # its own earlier, unfinished try
+        try:
+            commit, source_hash = self.workspace.apply(proposal.patch, message, tried)
+        except PatchRejected as exc:
+            event = self.folder.append("rejected", number=number, reason=exc.reason, detail=exc.detail,
+                                       description=proposal.hypothesis)
+            self.folder.render()
+            return event
+        self.folder.append("evaluating", number=number, commit=commit, source_hash=source_hash)
+        self.say(f"#{number}: evaluating {proposal.hypothesis[:70]}")
+        start = time.monotonic()
+        outcome = self._evaluate(f"{number:04d}", "evaluate", state.delta)
+        verdict = outcome.verdict
+        confirmation = None
+        if verdict.status == KEEP and self.settings.confirm:
+            self.say(f"#{number}: KEEP; confirming in a fresh process on fresh seeds")
+            confirmation = self._evaluate(f"{number:04d}-confirm", "evaluate", state.delta)
+            if confirmation.verdict.status != KEEP:
+                verdict = type(verdict)(**{**verdict.to_dict(), "status": SAME,
+                                           "reason": f"not confirmed: the confirming run said "
+                                                     f"{confirmation.verdict.status}"})
+        status = STATUS_OF.get(verdict.status, "discard")
+        ev = outcome.evaluation
+        candidate_seconds = [p.candidate.seconds for p in ev.pairs]
+        event = self.folder.append(
+            "evaluated", number=number, commit=commit, source_hash=source_hash, status=status,
+            correct=bool(ev.check and ev.check.passed), description=proposal.hypothesis,
+            metric=statistics.median(p.candidate.value for p in ev.pairs) if ev.pairs else None,
+            unit_seconds=statistics.median(candidate_seconds) if candidate_seconds else None,
+            verdict=verdict.to_dict(),
+            confirmation=confirmation.verdict.to_dict() if confirmation else None,
+            check_lines=ev.check.lines if ev.check else [], reason=ev.reason[-500:],
+            seeds=ev.seeds,  # revealed only now, after the verdict
+            diffstat=self.workspace.diff_stat(state.base_commit), work=ev.work,
+            build_info=ev.candidate_build.info if ev.candidate_build else {},
+            record=str(outcome.record_path.relative_to(self.folder.path)),
+            seconds=time.monotonic() - start,
+        )
+        if status == "keep":
+            self._commit_keep(event, state)
+        else:
+            self.workspace.reset(state.incumbent_commit)
+        self.folder.render()
+        return event
+
+    def _commit_keep(self, event: dict, state: RunState) -> None:
+        v = event["verdict"]
+        gain = math.exp(-v["median"])
+        lo, hi = math.exp(-v["ci_high"]), math.exp(-v["ci_low"])
+        cumulative = state.best_speedup * gain
+        message = (f"lab #{event['number']}: {event['description']}\n\n"
+                   f"speedup {gain:.4f}x over the incumbent (99% CI {lo:.4f}-{hi:.4f}, "
+                   f"{v['pairs']} pairs, delta {v['delta'] * 100:.2f}%); cumulative {cumulative:.4f}x\n")
+        head_hash = self.workspace.editable_hash()
+        if head_hash != event["source_hash"]:  # killed before the reset? re-apply from the ledger
+            raise LabError(f"the worktree of {self.folder.path} does not hold experiment "
+                           f"#{event['number']}; repair it with `git -C worktree reset --hard {event['commit']}`")
+        commit = self.workspace.keep(message)
+        stage_editable(self.harness, self.workspace.tree, self.incumbent_dir)
+        self.folder.append("kept", number=event["number"], commit=commit, speedup=gain,
+                           cumulative_speedup=cumulative)
+
+    def replay_pending(self) -> None:
+        """Finish the proposal that was in flight when the last process stopped."""
+        pending = self.state().pending
+        if pending is None:
+            return
+        patch = (self.folder.ledger / f"{pending['ledger']}.patch").read_text()
+        self.folder.append("note", text=f"re-evaluating #{pending['number']}, interrupted mid-evaluation")
+        self.experiment(Proposal(patch=patch, hypothesis=pending["hypothesis"]),
+                        number=pending["number"], replay=pending)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def loop(self, agent: Agent, started: float | None = None) -> str:
+        """Propose and evaluate until a budget or stop rule ends the run; returns why it ended."""
+        s = self.settings
+        started = started or time.monotonic()
+        deadline = started + s.budget_s
+        with Interrupts() as interrupts:
+            if not any(e["type"] == "baseline" for e in self.folder.events()):
+                self.measure_noise()
+            self.replay_pending()
+            if not any(e["type"] == "research" for e in self.folder.events()):
+                self._research(agent)
+            while True:
+                state = self.state()
+                reason = self._stop_reason(state, deadline, interrupts, agent)
+                if reason:
+                    break
+                if s.canary_every and state.proposed and state.proposed % s.canary_every == 0 \
+                        and not self._canary_done(state.proposed):
+                    self.canary()
+                self.say(f"asking the agent for proposal #{state.proposed + 1}")
+                try:
+                    proposal = agent.propose(self._context(state))
+                except AgentFatal as exc:
+                    self.folder.append("agent_failed", reason=str(exc), fatal=True)
+                    reason = f"the agent cannot go on: {exc}"
+                    break
+                if proposal.failure:
+                    self.folder.append("agent_failed", reason=proposal.failure, cost_usd=proposal.cost_usd)
+                    if getattr(agent, "exhausted", False):
+                        reason = "the agent has no more proposals"
+                        break
+                    if self._recent_agent_failures() >= s.max_consecutive_failures:
+                        reason = f"{s.max_consecutive_failures} proposals in a row failed"
+                        break
+                    continue
+                self.experiment(proposal)
+                state = self.state()
+                if s.plateau_after and state.since_keep and state.since_keep % s.plateau_after == 0:
+                    self.folder.append("plateau", text=f"{state.since_keep} evaluations without a keep")
+        self.folder.append("run_stopped", reason=reason)
+        self.folder.render()
+        return reason
+
+    def _stop_reason(self, state: RunState, deadline: float, interrupts: Interrupts, agent) -> str:
+        s = self.settings
+        if interrupts.requested:
+            return "stopped by Ctrl-C"
+        if s.max_experiments and state.proposed >= s.max_experiments:
+            return f"{s.max_experiments} experiments done"
+        spent = state.spent_usd
+        if s.max_usd and spent >= s.max_usd:
+            return f"spend limit reached (${spent:.2f} of ${s.max_usd:.2f})"
+        if state.consecutive_failures >= s.max_consecutive_failures:
+            return f"{state.consecutive_failures} evaluations in a row failed or crashed; see log.md"
+        expected = statistics.median(state.evaluation_seconds) if state.evaluation_seconds else 0.0
+        if time.monotonic() + expected > deadline:
+            return "the time budget cannot fit another evaluation"
+        return ""
+
+    def _canary_done(self, proposed: int) -> bool:
+        return any(e["type"] == "canary" and e.get("at") == proposed for e in self.folder.events())
+
+    def _recent_agent_failures(self) -> int:
+        n = 0
+        for e in reversed(self.folder.events()):
+            if e["type"] == "agent_failed":
+                n += 1
+            elif e["type"] in ("proposed", "evaluated", "rejected"):
+                break
+        return n
+
+    def _research(self, agent: Agent) -> None:
+        try:
+            text = agent.research(self._context(self.state()))
+        except AgentFatal:
+            raise
+        except Exception as exc:  # research is a help, not a gate
+            text = f"(research failed: {exc})"
+        if text:
+            self.folder.append("research", text=text)
+            self.folder.render()
+
+    def _context(self, state: RunState) -> AgentContext:
+        events = self.folder.events()
+        failures = [f"#{e['number']} {e['verdict']['status']}: {e.get('description', '')} — "
+                    f"{e['verdict'].get('reason') or e.get('reason', '')}"[:600]
+                    for e in events if e["type"] == "evaluated" and e["status"] in ("fail", "crash")][-5:]
+        failures += [f"#{e['number']} rejected: {e['reason']} {e.get('detail', '')}"[:300]
+                     for e in events if e["type"] == "rejected"][-3:]
+        scratch = self.folder.path / "agent" / "scratch"
+        if scratch.exists():
+            shutil.rmtree(scratch)
+        scratch.mkdir(parents=True)
+        return AgentContext(
+            harness_name=self.harness.name, harness_root=self.harness.root,
+            incumbent_tree=self.workspace.tree, editable=tuple(self.harness.editable),
+            program_md=self.harness.program.read_text() if self.harness.program.exists() else "",
+            results_tsv=(self.folder.path / "results.tsv").read_text(),
+            log_md=(self.folder.path / "log.md").read_text(),
+            recent_failures=failures, run_dir=self.folder.path, scratch=scratch,
+            compile=self._compile_only, profile=self._profile_digest,
+            tried_hypotheses=[e.get("hypothesis", "") for e in events if e["type"] == "proposed"],
+        )
+
+    def _compile_only(self, tree: Path):
+        from .runner import build_cached, default_cache
+
+        stage = self.folder.path / "agent" / "compile-stage"
+        stage_editable(self.harness, tree, stage)
+        return build_cached(self.harness, stage, default_cache())
+
+    def _profile_digest(self) -> str:
+        from .runner import build_cached, default_cache
+
+        build = build_cached(self.harness, self.incumbent_dir, default_cache())
+        return self.harness.profile(build) if build.ok else f"the incumbent does not build: {build.error}"
+
+    # --- summary ----------------------------------------------------------------------------
+    def summary(self) -> dict:
+        state = self.state()
+        events = self.folder.events()
+        kept = [e for e in events if e["type"] == "kept"]
+        return {
+            "run": str(self.folder.path), "branch": self.folder.meta.get("branch"),
+            "baseline_metric": state.baseline_metric, "metric": self.harness.metric.name,
+            "best_speedup": state.best_speedup, "kept": [(e["commit"][:10], e["speedup"]) for e in kept],
+            "verdicts": state.verdicts, "proposals": state.proposed,
+            "rejected": sum(1 for e in events if e["type"] == "rejected"),
+            "spent_usd": round(state.spent_usd, 4), "noise_floor": state.noise_floor, "delta": state.delta,
+        }

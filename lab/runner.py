@@ -1,0 +1,251 @@
+"""The process that runs inside the harness's environment: build, check, paired timing, JSON out.
+
+    python -m lab.runner --harness DIR --incumbent STAGE --candidate STAGE --out RECORD.json \
+        --seeds-file SEEDS.json [--mode evaluate|check|aa] [--delta 0.005]
+
+It loads the harness from its locked folder (verified against lock.json), builds the staged
+editable files of both sides (cached by content hash), runs the oracle on the candidate with the
+secret seeds, then times incumbent and candidate in interleaved pairs, in random order within
+each pair, on the same fresh inputs, with GPU telemetry per block of pairs, until the paired CI
+is narrow enough or the time budget ends. It writes one `Evaluation` record, atomically. It
+decides nothing: the verdict is the lab's (lab/stats.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import random
+import sys
+import time
+import traceback
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from .harness import Harness, load, tree_hash, verify_lock
+from .records import CRASH, FAIL, Build, Check, CheckItem, Evaluation, Pair, TelemetryBlock
+from .store import atomic_write
+
+PAIRS_PER_BLOCK = 5  # telemetry granularity: a throttled block drops this many pairs at most
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("LAB_CACHE") or Path.home() / ".cache" / "lab")
+
+
+# --- builds ----------------------------------------------------------------------------------
+def build_cached(harness: Harness, stage: Path, cache: Path) -> Build:
+    """Build a staged tree once per (locked harness, source) pair; reuse it afterwards."""
+    files = harness.editable_files(stage)
+    source_hash = tree_hash(stage, files)
+    entry = cache / "builds" / harness.name / f"{harness.lock_digest()[:12]}-{source_hash[:20]}"
+    entry.mkdir(parents=True, exist_ok=True)
+    with _file_lock(entry / ".lock"):
+        record = entry / "build.json"
+        if record.exists():
+            build = Build.from_dict(json.loads(record.read_text()))
+            if build.ok and (not build.artifact or Path(build.artifact).exists()):
+                build.cached = True
+                return build
+        out = entry / "out"
+        out.mkdir(exist_ok=True)
+        start = time.monotonic()
+        try:
+            build = harness.build(stage, out)
+        except Exception as exc:  # a harness bug or an unexpected toolchain failure
+            build = Build(ok=False, source_hash=source_hash, error=_summary(exc))
+        build.source_hash = source_hash
+        build.seconds = build.seconds or time.monotonic() - start
+        if build.ok:
+            atomic_write(record, build.to_json(indent=1))
+        return build
+
+
+@contextmanager
+def _file_lock(path: Path):
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _summary(exc: BaseException, limit: int = 2000) -> str:
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return text[-limit:]
+
+
+# --- the paired timing -------------------------------------------------------------------------
+def time_pairs(harness: Harness, incumbent: Build, candidate: Build, *, seed: int, delta: float,
+               min_pairs: int, min_seconds: float, max_seconds: float, telemetry=None,
+               progress=None) -> tuple[list[Pair], list[TelemetryBlock], float]:
+    """Interleave incumbent and candidate samples until the stop rule says enough."""
+    from . import stats  # numpy: imported here so that `--help` stays fast
+
+    rng = random.Random(seed)
+    loaded_a = harness.load(incumbent)
+    loaded_b = harness.load(candidate) if candidate is not incumbent else loaded_a
+    pairs: list[Pair] = []
+    blocks: list[TelemetryBlock] = []
+    try:
+        # One throw-away sample of each: module load, first-touch and clocks ramp stay out.
+        warm_seed = rng.getrandbits(63)
+        harness.sample(loaded_a, warm_seed)
+        harness.sample(loaded_b, warm_seed)
+        start = time.monotonic()
+        block_index = 0
+        while True:
+            ctx = telemetry.block(block_index) if telemetry is not None else nullcontext()
+            with ctx as monitor:
+                for _ in range(PAIRS_PER_BLOCK):
+                    sample_seed = rng.getrandbits(63)  # both sides get the same fresh inputs
+                    order = rng.choice(("AB", "BA"))
+                    if order == "AB":
+                        a = harness.sample(loaded_a, sample_seed)
+                        b = harness.sample(loaded_b, sample_seed)
+                    else:
+                        b = harness.sample(loaded_b, sample_seed)
+                        a = harness.sample(loaded_a, sample_seed)
+                    pairs.append(Pair(index=len(pairs), order=order, incumbent=a, candidate=b,
+                                      block=block_index))
+            if telemetry is not None:
+                blocks.append(getattr(monitor, "result", None) or TelemetryBlock(index=block_index))
+            block_index += 1
+            elapsed = time.monotonic() - start
+            if progress:
+                progress(len(pairs), elapsed)
+            if any(not (p.incumbent.ok and p.candidate.ok) for p in pairs):
+                break  # a wrong timed output ends the timing: the verdict is FAIL already
+            ratios = stats.log_ratios(pairs)
+            if stats.should_stop(ratios, delta, elapsed_s=elapsed, min_pairs=min_pairs,
+                                 min_seconds=min_seconds, max_seconds=max_seconds):
+                break
+        return pairs, blocks, time.monotonic() - start
+    finally:
+        harness.unload(loaded_a)
+        if loaded_b is not loaded_a:
+            harness.unload(loaded_b)
+
+
+def _telemetry_for(harness: Harness, gpu_index: int):
+    if not harness.environment.needs_gpu:
+        return None
+    try:
+        from .system.telemetry import GpuTelemetry
+
+        return GpuTelemetry(gpu_index)
+    except Exception:  # telemetry is a record, never a reason to stop measuring
+        return None
+
+
+# --- one evaluation ---------------------------------------------------------------------------
+def evaluate(args) -> Evaluation:
+    started = time.monotonic()
+    harness = load(args.harness)
+    verify_lock(harness)
+    seeds = json.loads(Path(args.seeds_file).read_text()) if args.seeds_file else {}
+    check_seeds = seeds.get("check") or [random.SystemRandom().getrandbits(63) for _ in range(harness.oracle_seeds)]
+    timing_seed = seeds.get("timing") or random.SystemRandom().getrandbits(63)
+    record = Evaluation(harness=harness.name, seeds=list(check_seeds) + [timing_seed],
+                        work=harness.workload())
+    cache = Path(args.cache) if args.cache else default_cache()
+    say = (lambda msg: print(f"[runner] {msg}", file=sys.stderr, flush=True))
+
+    candidate_stage = Path(args.candidate)
+    say(f"building candidate {candidate_stage}")
+    record.candidate_build = build_cached(harness, candidate_stage, cache)
+    if not record.candidate_build.ok:
+        record.status, record.reason = FAIL, "build failed: " + record.candidate_build.error[-1500:]
+        return _finish(record, started)
+
+    if args.mode in ("evaluate", "check", "aa"):  # the A/A baseline is checked too
+        say("checking candidate with the oracle")
+        t0 = time.monotonic()
+        try:
+            record.check = harness.check(record.candidate_build, list(check_seeds))
+        except Exception as exc:
+            record.check = Check(passed=False, items=[CheckItem("oracle", False, detail="crashed: " + _summary(exc))])
+        record.check.seconds = record.check.seconds or time.monotonic() - t0
+        if not record.check.passed:
+            record.status, record.reason = FAIL, "oracle: " + "; ".join(record.check.failures())[:1500]
+            return _finish(record, started)
+        if args.mode == "check":
+            return _finish(record, started)
+
+    if args.mode == "aa":
+        record.incumbent_build = record.candidate_build
+    else:
+        say(f"building incumbent {args.incumbent}")
+        record.incumbent_build = build_cached(harness, Path(args.incumbent), cache)
+        if not record.incumbent_build.ok:
+            record.status, record.reason = CRASH, "the incumbent no longer builds: " + record.incumbent_build.error[-1500:]
+            return _finish(record, started)
+
+    say("timing in interleaved pairs")
+    try:
+        candidate = record.incumbent_build if args.mode == "aa" else record.candidate_build
+        record.pairs, record.telemetry, record.timing_seconds = time_pairs(
+            harness, record.incumbent_build, candidate, seed=timing_seed, delta=args.delta,
+            min_pairs=args.min_pairs or harness.min_pairs,
+            min_seconds=harness.min_timing_seconds if args.min_seconds is None else args.min_seconds,
+            max_seconds=args.max_seconds or harness.max_timing_seconds,
+            telemetry=_telemetry_for(harness, args.gpu_index),
+            progress=lambda n, s: say(f"{n} pairs in {s:.1f} s"),
+        )
+    except Exception as exc:
+        record.status, record.reason = CRASH, "timing crashed: " + _summary(exc)
+    return _finish(record, started)
+
+
+def _finish(record: Evaluation, started: float) -> Evaluation:
+    record.seconds = time.monotonic() - started
+    return record
+
+
+def _fingerprint(extra: dict) -> dict:
+    try:
+        from .system.fingerprint import collect
+
+        return collect(extra=extra)
+    except Exception as exc:  # a record without a full fingerprint is still a record
+        return {**extra, "error": _summary(exc, 300)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lab.runner", description=__doc__.split("\n\n")[0])
+    p.add_argument("--harness", required=True, help="the harness folder (locked side)")
+    p.add_argument("--incumbent", help="staged editable files of the incumbent")
+    p.add_argument("--candidate", required=True, help="staged editable files of the candidate")
+    p.add_argument("--out", required=True, help="where to write the JSON record")
+    p.add_argument("--seeds-file", help="JSON {check: [...], timing: N}; secret, chosen by the lab")
+    p.add_argument("--mode", choices=("evaluate", "check", "aa"), default="evaluate")
+    p.add_argument("--delta", type=float, default=0.005, help="decision threshold (fraction) for the stop rule")
+    p.add_argument("--min-pairs", type=int, default=0)
+    p.add_argument("--min-seconds", type=float, default=None)
+    p.add_argument("--max-seconds", type=float, default=0)
+    p.add_argument("--gpu-index", type=int, default=0)
+    p.add_argument("--cache", help="build cache folder (default $LAB_CACHE or ~/.cache/lab)")
+    p.add_argument("--fingerprint-extra", default="{}", help="JSON merged into the fingerprint")
+    args = p.parse_args(argv)
+    if args.mode == "evaluate" and not args.incumbent:
+        p.error("--incumbent is needed in evaluate mode")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        record = evaluate(args)
+    except Exception as exc:
+        # Refusals (a changed locked file, a broken harness) still leave a record behind.
+        record = Evaluation(harness=Path(args.harness).name, status=CRASH, reason=_summary(exc))
+    record.fingerprint = _fingerprint(json.loads(args.fingerprint_extra))
+    atomic_write(Path(args.out), record.to_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The run folder: the one place a run's state lives, and from which it can be resumed.
+
+    runs/<harness>-<date>-<id>/
+        run.json        what the run is (harness, base commit, branch, settings, schema version)
+        events.jsonl    append-only; one JSON line per state change, fsynced before the lab acts
+        results.tsv     rebuilt from events.jsonl (one row per evaluated experiment)
+        log.md          rebuilt from events.jsonl (for a person, and an agent whose context reset)
+        ledger/         every candidate's patch and hypothesis, kept or not
+        worktree/       the run's git worktree (branch lab/<run-id>)
+
+Writers hold an exclusive lock on `.lock` while they append, so two lab processes never
+interleave half lines. A kill -9 can at worst leave one unterminated last line, which was never
+acted on (the lab acts only after the fsync returns); readers skip it and the next writer
+truncates it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import math
+import os
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import RunFolderError
+from .records import KEEP, SCHEMA_VERSION
+
+RUN_FILE = "run.json"
+EVENTS_FILE = "events.jsonl"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id(harness: str) -> str:
+    return f"{harness}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write a file so that a reader sees the old or the new content, never a half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.events_path = self.path / EVENTS_FILE
+        self.ledger = self.path / "ledger"
+        self.worktree = self.path / "worktree"
+
+    # --- creation and opening --------------------------------------------------------------
+    @classmethod
+    def create(cls, runs_dir: Path, run_id: str, meta: dict) -> "RunFolder":
+        folder = cls(Path(runs_dir) / run_id)
+        if folder.path.exists():
+            raise RunFolderError(f"run folder {folder.path} exists already; choose another id or --resume it")
+        folder.ledger.mkdir(parents=True)
+        data = {"schema_version": SCHEMA_VERSION, "id": run_id, "created": now_iso(), **meta}
+        atomic_write(folder.path / RUN_FILE, json.dumps(data, indent=1) + "\n")
+        folder.events_path.touch()
+        return folder
+
+    @classmethod
+    def open(cls, path: Path) -> "RunFolder":
+        folder = cls(Path(path))
+        run_file = folder.path / RUN_FILE
+        if not run_file.exists():
+            raise RunFolderError(f"{folder.path} is not a run folder (no {RUN_FILE}); give a path under runs/")
+        try:
+            meta = json.loads(run_file.read_text())
+        except ValueError as exc:
+            raise RunFolderError(f"{run_file} is damaged ({exc}); the run cannot be opened") from None
+        version = meta.get("schema_version", 0)
+        if version > SCHEMA_VERSION:
+            raise RunFolderError(
+                f"{folder.path} was written by a newer lab (schema {version}, this lab reads up to "
+                f"{SCHEMA_VERSION}); upgrade the lab (`pip install -e .` in a newer checkout)"
+            )
+        return folder
+
+    @property
+    def meta(self) -> dict:
+        return json.loads((self.path / RUN_FILE).read_text())
+
+    def update_meta(self, **changes) -> None:
+        with self.locked():
+            atomic_write(self.path / RUN_FILE, json.dumps({**self.meta, **changes}, indent=1) + "\n")
+
+    # --- events ----------------------------------------------------------------------------
+    @contextmanager
+    def locked(self):
+        with open(self.path / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def append(self, type_: str, **payload) -> dict:
+        """Append one event durably; returns it with its sequence number and time."""
+        with self.locked():
+            seq = self._drop_torn_tail_and_count()
+            event = {"seq": seq, "time": now_iso(), "type": type_, **payload}
+            line = json.dumps(_finite(event), separators=(",", ":")) + "\n"
+            with open(self.events_path, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        return event
+
+    def _drop_torn_tail_and_count(self) -> int:
+        with open(self.events_path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+                f.truncate(keep)
+                data = data[:keep]
+        return data.count(b"\n")
+
+    def events(self) -> list[dict]:
+        out = []
+        if not self.events_path.exists():
+            return out
+        with open(self.events_path) as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    break  # torn by a crash mid-write: never acted upon
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    raise RunFolderError(
+                        f"{self.events_path} has a damaged line {len(out) + 1}; the folder needs repair"
+                    ) from None
+        return out
+
+    # --- the ledger ------------------------------------------------------------------------
+    def write_ledger(self, number: int, patch: str, info: dict) -> str:
+        """Keep a candidate's patch and hypothesis; returns the ledger entry's name."""
+        name = f"{number:04d}"
+        atomic_write(self.ledger / f"{name}.patch", patch)
+        atomic_write(self.ledger / f"{name}.json", json.dumps(info, indent=1) + "\n")
+        return name
+
+    # --- views rebuilt from the events -----------------------------------------------------
+    def render(self) -> None:
+        events = self.events()
+        meta = self.meta
+        atomic_write(self.path / "results.tsv", results_tsv(events, meta))
+        atomic_write(self.path / "log.md", log_md(events, meta))
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+# --- rendering ---------------------------------------------------------------------------------
+RESULT_COLUMNS = (
+    "commit", "metric", "unit_seconds", "correctness", "status", "description",
+    "speedup", "speedup_ci_low", "speedup_ci_high", "verdict",
+)
+
+
+def experiments(events: list[dict]) -> list[dict]:
+    """One row per finished evaluation, in order (`evaluated` events)."""
+    return [e for e in events if e["type"] == "evaluated"]
+
+
+def _fmt(x, digits=4):
+    return "" if x is None else f"{x:.{digits}g}"
+
+
+def results_tsv(events: list[dict], meta: dict) -> str:
+    lines = ["\t".join(RESULT_COLUMNS)]
+    for e in experiments(events):
+        v = e.get("verdict", {})
+        speed = lambda log: None if log is None else math.exp(-log)  # noqa: E731
+        lines.append("\t".join([
+            (e.get("commit") or "")[:7],
+            _fmt(e.get("metric")),
+            _fmt(e.get("unit_seconds")),
+            "pass" if e.get("correct") else "fail",
+            e.get("status", ""),
+            (e.get("description") or "").replace("\t", " ").replace("\n", " ")[:200],
+            _fmt(speed(v.get("median"))),
+            _fmt(speed(v.get("ci_high"))),
+            _fmt(speed(v.get("ci_low"))),
+            v.get("status", ""),
+        ]))
+    return "\n".join(lines) + "\n"
+
+
+def log_md(events: list[dict], meta: dict) -> str:
+    out = [f"# Run {meta.get('id', '')}: {meta.get('harness', '')}", ""]
+    out.append(f"- created {meta.get('created', '')}; base commit {meta.get('base_commit', '')[:12]}; "
+               f"branch `{meta.get('branch', '')}`")
+    if meta.get("settings"):
+        out.append("- settings: " + ", ".join(f"{k}={v}" for k, v in sorted(meta["settings"].items())))
+    out.append("")
+    counts: dict[str, int] = {}
+    for e in events:
+        t = e["type"]
+        stamp = e["time"][11:19]
+        if t == "evaluated":
+            v = e.get("verdict", {})
+            counts[v.get("status", "?")] = counts.get(v.get("status", "?"), 0) + 1
+            sp = v.get("median")
+            gain = "" if sp is None else f" speedup {math.exp(-sp):.4f}x"
+            ci = ""
+            if v.get("ci_low") is not None:
+                ci = f" (99% CI {math.exp(-v['ci_high']):.4f}-{math.exp(-v['ci_low']):.4f}, {v.get('pairs', 0)} pairs)"
+            out.append(f"- {stamp} #{e.get('number', '?')} **{v.get('status', '?')}**{gain}{ci}: "
+                       f"{e.get('description', '')}" + (f" — {v['reason']}" if v.get("reason") else ""))
+        elif t == "rejected":
+            counts["REJECTED"] = counts.get("REJECTED", 0) + 1
+            out.append(f"- {stamp} #{e.get('number', '?')} rejected: {e.get('reason', '')} — {e.get('description', '')}")
+        elif t == "kept":
+            out.append(f"  - kept as {e.get('commit', '')[:10]} (confirmed {e.get('confirmed_speedup', '')})")
+        elif t in ("note", "research", "canary", "noise_floor", "baseline", "run_started", "run_stopped",
+                   "resumed", "agent_failed", "plateau"):
+            text = e.get("text") or e.get("reason") or ""
+            if t == "noise_floor":
+                text = f"A/A noise floor {e.get('noise_floor', 0) * 100:.3f}%, delta {e.get('delta', 0) * 100:.3f}%"
+            if t == "baseline":
+                text = f"baseline {e.get('metric_name', '')} {_fmt(e.get('metric'))}"
+            out.append(f"- {stamp} {t}: {text}")
+    out += ["", "## Totals", ""]
+    out.append(", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "no experiments yet")
+    kept = [e for e in events if e["type"] == "evaluated" and e.get("status") == "keep"]
+    if kept:
+        out.append(f"\nKept: {len(kept)}; best so far: {kept[-1].get('description', '')}")
+    return "\n".join(out) + "\n"
+
+
+def is_keep(event: dict) -> bool:
+    return event.get("verdict", {}).get("status") == KEEP
