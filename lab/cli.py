@@ -288,6 +288,16 @@ def status(runs_dir, as_json):
              r["last"], r["updated"]] for r in rows])
 
 
+@cli.command()
+@click.argument("run_path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG to write")
+def report(run_path, out):
+    """Write a progress plot of a run (every experiment, the running best, the noise band)."""
+    from .report import write_report
+
+    click.echo(f"wrote {write_report(run_path, out)}")
+
+
 def parse_duration(text: str) -> float:
     """'8h', '45m', '90s', '1h30m' -> seconds."""
     import re
@@ -323,6 +333,7 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, model, web_search
     from .harness import load
     from .loop import Lab, Settings
 
+    budget_s = parse_duration(budget)  # bad input is refused before anything starts
     if resume_path and not harness:
         from .store import RunFolder
 
@@ -334,7 +345,7 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, model, web_search
     env = get(env_name, h)
     env.preflight()
     agent = make_agent(agent_spec, model=model, web_search=web_search)  # no key: stops here
-    settings = Settings(budget_s=parse_duration(budget), max_experiments=max_experiments, max_usd=max_usd,
+    settings = Settings(budget_s=budget_s, max_experiments=max_experiments, max_usd=max_usd,
                         delta=delta, env=env_name, gpu_index=gpu_index, agent=agent_spec, model=model)
     display = _display(quiet)
     lab = (Lab.resume(resume_path, h, env, settings, display=display) if resume_path

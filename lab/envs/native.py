@@ -46,6 +46,19 @@ def run_process_group(argv, *, timeout_s, env=None, cwd=None, preexec=None) -> R
     )
 
 
+def _die_with_parent() -> None:
+    """Linux: the runner gets SIGKILL when the lab dies (even by kill -9), so that an orphaned
+    runner never keeps a hung kernel or a core busy; elsewhere this is a no-op."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -71,7 +84,11 @@ class NativeEnv(Env):
         child_env.update(env or {})
         if gpus is not None:
             child_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
-        preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        def preexec():
+            _die_with_parent()
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
         if argv and argv[0] == "python":
             argv = [sys.executable] + argv[1:]
         return run_process_group(argv, timeout_s=timeout_s, env=child_env, preexec=preexec)

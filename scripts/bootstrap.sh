@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up everything the lab needs on a fresh machine, idempotently: a virtual environment in
+# .venv with the lab installed (editable) and the extras its tests and harnesses use.
+#
+# torch: a machine that already has one (our GPU machine ships torch with CUDA) keeps it, seen
+# through --system-site-packages; elsewhere we install torch==2.13.0 first, which on our CPU
+# machines is a local CPU build (docs/decisions.md). The project's own range (torch>=2.4) is then
+# already met, so pip takes nothing bigger.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv --system-site-packages .venv
+fi
+# pip's exit status survives the filter (pipefail); the filter only drops a noisy warning of
+# this machine's pip configuration.
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  pip install "torch==2.13.0"
+fi
+pip install -e ".[dev,cuda,agent,docker,plot]"
+.venv/bin/python -c "import lab, torch, click, numpy; print('lab', lab.__version__, '| torch', torch.__version__)"

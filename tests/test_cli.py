@@ -1,0 +1,65 @@
+"""The CLI as a user meets it: one clear line and a non-zero exit for bad input."""
+
+import json
+
+from conftest import CDOT, lab_cli
+
+
+def test_help_on_every_command():
+    out = lab_cli("--help")
+    assert out.returncode == 0
+    for command in ("harnesses", "check", "bench", "try", "run", "log", "status", "noise", "lock", "profile"):
+        assert command in out.stdout
+        sub = lab_cli(command, "--help")
+        assert sub.returncode == 0 and "Usage" in sub.stdout, command
+
+
+def test_unknown_harness_is_one_clear_line():
+    out = lab_cli("check", "no-such-harness")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no harness named 'no-such-harness'")
+
+
+def test_harnesses_lists_the_shipped_ones_as_json():
+    out = lab_cli("harnesses", "--json", env={"LAB_HARNESS_PATH": str(CDOT.parent)})
+    assert out.returncode == 0, out.stderr
+    names = {h["name"] for h in json.loads(out.stdout)}
+    assert "cdot" in names
+
+
+def test_check_and_try_through_the_cli(cdot, cdot_repo):
+    out = lab_cli("check", str(cdot.root), "--json", cwd=cdot_repo)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["verdict"]["status"] == "PASS"
+
+    patch = CDOT / "solutions" / "wrong" / "skip-half.patch"
+    out = lab_cli("try", str(cdot.root), str(patch), "-m", "skip half", "--json", cwd=cdot_repo)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["event"]["verdict"]["status"] == "FAIL"
+
+    status = lab_cli("status", "--json", cwd=cdot_repo)
+    runs = json.loads(status.stdout)
+    assert len(runs) == 1 and runs[0]["verdicts"] == {"FAIL": 1}
+
+
+def test_patch_outside_the_surface_is_rejected_and_recorded(cdot, cdot_repo, tmp_path):
+    bad = tmp_path / "bad.patch"
+    bad.write_text("--- a/harness.py\n+++ b/harness.py\n@@ -1 +1 @@\n-x\n+y\n")
+    out = lab_cli("try", str(cdot.root), str(bad), "--json", cwd=cdot_repo)
+    assert out.returncode == 0, out.stderr
+    event = json.loads(out.stdout)["event"]
+    assert event["type"] == "rejected" and event["reason"] == "outside the editable surface"
+
+
+def test_main_job_without_gpu_stops_at_once_with_what_to_do():
+    out = lab_cli("run", "wavegru", "--budget", "1m")
+    assert out.returncode == 2
+    assert "GPU" in out.stderr or "nvcc" in out.stderr or "ANTHROPIC_API_KEY" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_bad_budget():
+    out = lab_cli("run", str(CDOT), "--budget", "soon")
+    assert out.returncode != 0 and "not a duration" in out.stderr

@@ -1,0 +1,129 @@
+"""The experiment loop end to end on the cdot harness: keeps, discards, rejections, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lab.agents import Agent, Proposal
+from lab.envs import get
+from lab.loop import Lab, Settings
+from lab.store import RunFolder
+from lab.workspace import git
+
+from conftest import CDOT, lab_cli
+
+OUTSIDE = """--- a/harness.py
++++ b/harness.py
+@@ -1,1 +1,1 @@
+-\"\"\"cdot: a tiny CPU harness for the lab's own tests (a compiled C function whose speed a patch
++\"\"\"hacked
+"""
+
+
+class ListAgent(Agent):
+    name = "list"
+
+    def __init__(self, items):
+        self.items = list(items)
+        self.exhausted = False
+
+    def propose(self, ctx):
+        if not self.items:
+            self.exhausted = True
+            return Proposal(failure="no more")
+        patch, hypothesis = self.items.pop(0)
+        return Proposal(patch=patch, hypothesis=hypothesis, cost_usd=0.01)
+
+
+def sol(name):
+    return (CDOT / "solutions" / name).read_text()
+
+
+def test_loop_records_every_verdict_and_the_branch_holds_only_keeps(cdot, cdot_repo):
+    settings = Settings(budget_s=600, delta=0.02, canary_every=0)
+    lab = Lab.start(cdot, cdot_repo / "runs", get("native"), settings)
+    agent = ListAgent([
+        (sol("wrong/slower.patch"), "volatile accumulator"),
+        (sol("wrong/skip-half.patch"), "skip half"),
+        (OUTSIDE, "edit the harness"),
+        (sol("wrong/slower.patch"), "volatile accumulator again"),
+    ])
+    reason = lab.loop(agent)
+    assert reason == "the agent has no more proposals"
+    events = lab.folder.events()
+    evaluated = [e for e in events if e["type"] == "evaluated"]
+    rejected = [e for e in events if e["type"] == "rejected"]
+    assert [e["verdict"]["status"] for e in evaluated] == ["WORSE", "FAIL"]
+    assert [e["reason"] for e in rejected] == ["outside the editable surface", "duplicate"]
+    assert evaluated[0]["seeds"], "seeds are revealed after the verdict"
+    base = lab.folder.meta["base_commit"]
+    assert lab.workspace.head() == base  # nothing kept: the branch did not move
+    assert "volatile" not in (lab.workspace.tree / "work.c").read_text()
+    # ledger has every candidate, kept or not
+    assert len(list(lab.folder.ledger.glob("*.patch"))) == 4
+    summary = lab.summary()
+    assert summary["proposals"] == 4 and summary["spent_usd"] == pytest.approx(0.04)
+    tsv = (lab.folder.path / "results.tsv").read_text().splitlines()
+    assert len(tsv) == 3 and "WORSE" in tsv[1] and "fail" in tsv[2]
+
+
+def test_a_faster_candidate_is_kept_after_confirmation(cdot, cdot_repo):
+    """Make the incumbent slow first (a person's commit), then offer the fast version."""
+    work = cdot.root / "work.c"
+    slow_src = work.read_text().replace("double s = 0.0;", "volatile double s = 0.0;")
+    work.write_text(slow_src)
+    git(cdot_repo, "commit", "-qam", "slow incumbent")
+    fast = ("--- a/work.c\n+++ b/work.c\n@@ -3,3 +3,3 @@\n {\n-    volatile double s = 0.0;\n"
+            "+    double s = 0.0;\n     for (long i = 0; i < n; i++)\n")
+    lab = Lab.start(cdot, cdot_repo / "runs", get("native"), Settings(delta=0.02, canary_every=0))
+    lab.measure_noise()
+    event = lab.experiment(Proposal(patch=fast, hypothesis="drop volatile"))
+    assert event["verdict"]["status"] == "KEEP", event["verdict"]
+    assert event["confirmation"]["status"] == "KEEP"
+    msg = git(lab.workspace.worktree, "log", "-1", "--format=%B")
+    assert "speedup" in msg and "99% CI" in msg
+    kept = [e for e in lab.folder.events() if e["type"] == "kept"]
+    assert kept and kept[0]["commit"] == lab.workspace.head()
+    assert "volatile" not in (lab.folder.path / "incumbent" / "work.c").read_text()
+
+
+def test_kill_9_mid_evaluation_then_resume(cdot, cdot_repo, tmp_path):
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text("\n".join(json.dumps({"patch": sol(p), "hypothesis": h}) for p, h in [
+        ("wrong/slower.patch", "volatile accumulator"),
+        ("correct/two-accumulators.patch", "two chains"),
+    ]) + "\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lab.cli", "run", str(cdot.root), "--agent", f"replay:{replay}",
+         "--budget", "10m", "--quiet", "--runs", str(cdot_repo / "runs")],
+        cwd=cdot_repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    run_dir = None
+    while time.monotonic() < deadline:
+        found = list((cdot_repo / "runs").glob("cdot-*/events.jsonl"))
+        if found:
+            run_dir = found[0].parent
+            if '"type":"evaluating"' in found[0].read_text():
+                break
+        time.sleep(0.05)
+    assert run_dir is not None, proc.communicate(timeout=5)[0] if proc.poll() is not None else "no run folder"
+    os.kill(proc.pid, signal.SIGKILL)  # the lab itself, mid-evaluation
+    proc.wait(10)
+
+    shown = lab_cli("log", str(run_dir))
+    assert shown.returncode == 0, shown.stderr
+    folder = RunFolder.open(run_dir)
+    events = folder.events()
+    assert events[-1]["type"] == "evaluating" and not any(e["type"] == "evaluated" for e in events)
+
+    resumed = lab_cli("run", "--resume", str(run_dir), "--agent", f"replay:{replay}", "--quiet")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    events = folder.events()
+    numbers = [e["number"] for e in events if e["type"] == "evaluated"]
+    assert numbers.count(1) == 1, "the interrupted experiment is finished exactly once"
+    assert len([e for e in events if e["type"] == "proposed" and e["number"] == 1]) == 1
