@@ -95,10 +95,10 @@ def _one_evaluation(harness_name, src, against, env_name, mode, runs_dir, delta=
     harness.preflight()
     env = get(env_name, harness)
     env.preflight()
-    src = Path(src) if src else harness.root
+    src = Path(src) if src else harness.source_tree()
     work = runs_dir / "records" / f"{new_run_id(harness.name)}-{mode}"
     outcome = run_evaluation(harness, src, work, env=env, mode=mode,
-                             incumbent_tree=Path(against) if against else harness.root,
+                             incumbent_tree=Path(against) if against else harness.source_tree(),
                              delta=delta or stats.MIN_DELTA)
     return harness, outcome
 
@@ -175,7 +175,7 @@ def noise(harness, pairs, env_name, runs_dir, as_json):
     env = get(env_name, h)
     env.preflight()
     work = runs_dir / "records" / f"{new_run_id(h.name)}-noise"
-    outcome = run_evaluation(h, h.root, work, env=env, mode="aa", min_pairs=pairs or None)
+    outcome = run_evaluation(h, h.source_tree(), work, env=env, mode="aa", min_pairs=pairs or None)
     ev = outcome.evaluation
     if ev.status or not ev.pairs:
         raise LabError(f"no A/A measurement: {ev.status} {ev.reason}")
@@ -198,7 +198,7 @@ def profile(harness, src):
     h = load(harness)
     h.preflight()
     stage = default_cache() / "profile-stage" / new_run_id(h.name)
-    stage_editable(h, Path(src) if src else h.root, stage)
+    stage_editable(h, Path(src) if src else h.source_tree(), stage)
     build = build_cached(h, stage, default_cache())
     if not build.ok:
         raise LabError(f"the tree does not build: {build.error[-800:]}")

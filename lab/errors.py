@@ -51,3 +51,11 @@ class FingerprintMismatch(LabError):
 
 class BundleError(LabError):
     """A bundle that is malformed, truncated, or does not match the local harness."""
+
+
+class CandidateAborted(LabError):
+    """Raised by a harness when a candidate hung or broke the device (a CUDA context lost to an
+    illegal address, a kernel past its deadline). The runner records `status` and ends its
+    process at once, without interpreter teardown: a wedged GPU must not hold the process."""
+
+    status = "CRASH"

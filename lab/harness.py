@@ -23,6 +23,8 @@ from .errors import HarnessContractError, HarnessNotFound, LockedFileChanged
 from .records import Build, Check, Environment, Metric, Sample
 
 LOCK_FILE = "lock.json"
+IMAGE_LOCK = "image.lock.json"  # written by `lab publish` after the lock: not part of the locked side
+UNLOCKED = {LOCK_FILE, IMAGE_LOCK}
 # Never part of a harness's identity: byte-code caches and editor droppings.
 IGNORED_PARTS = {"__pycache__", ".pytest_cache", ".DS_Store"}
 
@@ -79,6 +81,12 @@ class Harness:
     def preflight(self) -> None:
         """Raise EnvironmentUnavailable when this machine cannot evaluate the harness."""
 
+    def source_tree(self) -> Path:
+        """The tree whose editable files candidates change, inside a git repository (runs get a
+        worktree of it). By default the harness folder itself; a harness over a third-party
+        tree (llama.cpp) returns a repository it prepares, e.g. in the cache."""
+        return self.root
+
     # --- provided ------------------------------------------------------------------------
     @property
     def program(self) -> Path:
@@ -92,7 +100,7 @@ class Harness:
         return [p for p in _walk(tree) if self.is_editable(p)]
 
     def locked_files(self) -> list[str]:
-        return [p for p in _walk(self.root) if p != LOCK_FILE and not self.is_editable(p)]
+        return [p for p in _walk(self.root) if p not in UNLOCKED and not self.is_editable(p)]
 
     def lock_hashes(self) -> dict[str, str]:
         return {p: sha256_file(self.root / p) for p in self.locked_files()}

@@ -81,7 +81,7 @@ class RunState:
                 st.proposed = max(st.proposed, e["number"])
                 st.spent_usd += e.get("cost_usd", 0.0)
                 open_proposal = dict(e)
-            elif t == "agent_failed":
+            elif t in ("agent_failed", "research"):
                 st.spent_usd += e.get("cost_usd", 0.0)
             elif t == "rejected":
                 open_proposal = None
@@ -407,7 +407,7 @@ class Lab:
         except Exception as exc:  # research is a help, not a gate
             text = f"(research failed: {exc})"
         if text:
-            self.folder.append("research", text=text)
+            self.folder.append("research", text=text, cost_usd=getattr(agent, "research_cost_usd", 0.0))
             self.folder.render()
 
     def _context(self, state: RunState) -> AgentContext:

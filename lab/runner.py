@@ -24,6 +24,7 @@ import traceback
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from .errors import CandidateAborted
 from .harness import Harness, load, tree_hash, verify_lock
 from .records import CRASH, FAIL, Build, Check, CheckItem, Evaluation, Pair, TelemetryBlock
 from .store import atomic_write
@@ -166,6 +167,8 @@ def evaluate(args) -> Evaluation:
         t0 = time.monotonic()
         try:
             record.check = harness.check(record.candidate_build, list(check_seeds))
+        except CandidateAborted:
+            raise
         except Exception as exc:
             record.check = Check(passed=False, items=[CheckItem("oracle", False, detail="crashed: " + _summary(exc))])
         record.check.seconds = record.check.seconds or time.monotonic() - t0
@@ -195,6 +198,8 @@ def evaluate(args) -> Evaluation:
             telemetry=_telemetry_for(harness, args.gpu_index),
             progress=lambda n, s: say(f"{n} pairs in {s:.1f} s"),
         )
+    except CandidateAborted:
+        raise
     except Exception as exc:
         record.status, record.reason = CRASH, "timing crashed: " + _summary(exc)
     return _finish(record, started)
@@ -239,6 +244,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         record = evaluate(args)
+    except CandidateAborted as exc:
+        record = Evaluation(harness=Path(args.harness).name, status=exc.status, reason=_summary(exc))
+        record.fingerprint = _fingerprint(json.loads(args.fingerprint_extra))
+        atomic_write(Path(args.out), record.to_json())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # no teardown: the device may be wedged by the candidate
     except Exception as exc:
         # Refusals (a changed locked file, a broken harness) still leave a record behind.
         record = Evaluation(harness=Path(args.harness).name, status=CRASH, reason=_summary(exc))

@@ -164,15 +164,15 @@ class Workspace:
 
 
 def source_repo(harness: Harness) -> tuple[Path, str]:
-    """(repository root, harness folder relative to it) for the repository holding the harness."""
-    proc = subprocess.run(
-        ["git", "rev-parse", "--show-toplevel"], cwd=harness.root, capture_output=True, text=True
-    )
+    """(repository root, source tree relative to it) for the repository holding the harness's
+    source tree (see Harness.source_tree)."""
+    tree = harness.source_tree().resolve()
+    proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=tree, capture_output=True, text=True)
     if proc.returncode != 0:
         raise LabError(
-            f"harness folder {harness.root} is not inside a git repository; a run needs one for its "
+            f"{tree} is not inside a git repository; a run needs one for its "
             "worktree: run `git init && git add -A && git commit -m base` there"
         )
     repo = Path(proc.stdout.strip()).resolve()
-    prefix = harness.root.relative_to(repo).as_posix()
+    prefix = tree.relative_to(repo).as_posix()
     return repo, "" if prefix == "." else prefix
