@@ -198,7 +198,10 @@ def _guard_failure(pairs: Sequence[Pair], speed_of_light_seconds: float | None) 
     samples = [s for p in pairs for s in (p.incumbent, p.candidate)]
     if any(not s.ok for s in samples):
         bad = [p.index for p in pairs if not (p.incumbent.ok and p.candidate.ok)]
-        return f"a timed sample's own outputs were wrong (pairs {_few(bad)})"
+        first = next(s for s in samples if not s.ok)
+        side = "incumbent" if any(p.incumbent is first for p in pairs) else "candidate"
+        return (f"a timed sample's own outputs were wrong (pairs {_few(bad)}; first, of the {side}: "
+                f"{first.detail[:300] or 'no detail'})")
     if any(not _valid_seconds(s.seconds) for s in samples):
         bad = [p.index for p in pairs
                if not (_valid_seconds(p.incumbent.seconds) and _valid_seconds(p.candidate.seconds))]

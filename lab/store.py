@@ -229,7 +229,8 @@ def log_md(events: list[dict], meta: dict) -> str:
             counts["REJECTED"] = counts.get("REJECTED", 0) + 1
             out.append(f"- {stamp} #{e.get('number', '?')} rejected: {e.get('reason', '')} — {e.get('description', '')}")
         elif t == "kept":
-            out.append(f"  - kept as {e.get('commit', '')[:10]} (confirmed {e.get('confirmed_speedup', '')})")
+            out.append(f"  - kept as {e.get('commit', '')[:10]}: {e.get('speedup', 0):.4f}x, cumulative "
+                       f"{e.get('cumulative_speedup', 0):.4f}x over the baseline")
         elif t in ("note", "research", "canary", "noise_floor", "baseline", "run_started", "run_stopped",
                    "resumed", "agent_failed", "plateau"):
             text = e.get("text") or e.get("reason") or ""

@@ -81,7 +81,8 @@ def main() -> int:
         ev, v = evaluation(cand, delta)
         report[kind].append({"status": v.status, "median": v.median, "ci_low": v.ci_low, "ci_high": v.ci_high,
                              "pairs": v.pairs, "dropped": v.dropped_pairs, "seconds": ev.timing_seconds})
-        print(f"{kind:4s} {v.status:5s} speedup {v.speedup:.4f} pairs {v.pairs}", flush=True)
+        print(f"{kind:4s} {v.status:5s} speedup {v.speedup or float('nan'):.4f} pairs {v.pairs} {v.reason}",
+              flush=True)
     count = lambda rows, s: sum(1 for r in rows if r["status"] == s)  # noqa: E731
     report["summary"] = {
         "aa_runs": len(report["aa"]), "aa_keep": count(report["aa"], "KEEP"), "aa_worse": count(report["aa"], "WORSE"),
