@@ -298,6 +298,25 @@ def report(run_path, out):
     click.echo(f"wrote {write_report(run_path, out)}")
 
 
+@cli.command()
+@click.argument("harness")
+@click.option("--registry", required=True, help="e.g. 127.0.0.1:5000 or ghcr.io/you")
+@click.option("--dockerfile", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="default: the harness's (Dockerfile.cuda or Dockerfile.cpu)")
+@click.option("--base-image", help="override the Dockerfile's pinned BASE_IMAGE (e.g. a local mirror)")
+@click.option("--tag", help="image tag (default: <lab version>-<lock digest>)")
+@JSON_OPTION
+def publish(harness, registry, dockerfile, base_image, tag, as_json):
+    """Build, label and push HARNESS's image; pull it back by digest; write image.lock.json."""
+    from .harness import load
+    from .publish import publish as publish_image
+
+    record = publish_image(load(harness), registry, dockerfile=dockerfile, base_image=base_image, tag=tag)
+    if as_json:
+        return _print_json(record)
+    click.echo(f"published {record['image']}")
+
+
 def parse_duration(text: str) -> float:
     """'8h', '45m', '90s', '1h30m' -> seconds."""
     import re
