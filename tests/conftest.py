@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from lab.harness import load, write_lock
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CDOT = HERE / "harnesses" / "cdot"
@@ -44,8 +46,6 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def cdot_repo(tmp_path):
     """A git repository holding a copy of the cdot test harness, locked and committed."""
-    from lab.harness import load, write_lock
-
     repo = tmp_path / "project"
     shutil.copytree(CDOT, repo / "harnesses" / "cdot",
                     ignore=shutil.ignore_patterns("__pycache__", "lock.json"))
@@ -62,8 +62,6 @@ def cdot_repo(tmp_path):
 
 @pytest.fixture
 def cdot(cdot_repo):
-    from lab.harness import load
-
     return load(cdot_repo / "harnesses" / "cdot")
 
 
@@ -72,3 +70,61 @@ def lab_cli(*args, cwd=None, env=None, timeout=600):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "lab.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# --- a real Docker engine and registry (tests marked `docker`) -----------------------------------
+REGISTRY = os.environ.get("LAB_REGISTRY_ADDR", "127.0.0.1:5000")
+BASE = os.environ.get("LAB_BASE_IMAGE", "local/debian:bookworm")
+
+
+def _unavailable(reason: str):
+    """Skip with the reason; under CI the engine must start, so fail instead."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI must run the Docker tests: {reason}")
+    pytest.skip(reason)
+
+
+def _start(script: str) -> None:
+    try:
+        proc = subprocess.run(["bash", str(REPO / "scripts" / script)], capture_output=True,
+                              text=True, timeout=1200)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _unavailable(f"scripts/{script} did not finish: {exc}")
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-4:])
+        _unavailable(f"scripts/{script} could not start it: {tail}")
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """A client of a running engine, with the base image and the loopback registry ready."""
+    try:
+        import docker  # noqa: F401
+    except ImportError:
+        _unavailable("the Python package 'docker' is not installed (pip install -e '.[docker]')")
+    _start("start-docker.sh")
+    _start("start-registry.sh")
+    from lab.envs.docker import connect
+
+    return connect()
+
+
+def locked_copy(dest: Path) -> Path:
+    """A locked copy of the cdot test harness (a compiled C function), outside the repository."""
+    shutil.copytree(CDOT, dest, ignore=shutil.ignore_patterns("__pycache__", "lock.json",
+                                                              "image.lock.json"))
+    write_lock(load(dest))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def published(docker_client, tmp_path_factory):
+    """cdot's image, published once per session: (harness, the image lock publish returned)."""
+    from lab.publish import publish
+
+    harness = load(locked_copy(tmp_path_factory.mktemp("published") / "cdot"))
+    lock_digest = harness.lock_digest()
+    record = publish(harness, REGISTRY, base_image=BASE, client=docker_client)
+    return harness, record, lock_digest
+
+

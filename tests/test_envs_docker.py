@@ -18,7 +18,7 @@ from lab.errors import EnvironmentUnavailable
 from lab.harness import load
 
 from conftest import REPO
-from test_publish import docker_client, locked_copy, published  # noqa: F401  (session fixtures)
+from conftest import locked_copy
 
 PROBE_NETWORK = """
 import socket, sys

@@ -7,74 +7,18 @@ The lock files and the Dockerfiles are also checked statically (no engine needed
 """
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from lab import __version__
 from lab.errors import LabError
-from lab.harness import load, write_lock
+from lab.harness import load
 
-from conftest import CDOT, REPO
+from conftest import BASE, REGISTRY, REPO, locked_copy
 
-REGISTRY = os.environ.get("LAB_REGISTRY_ADDR", "127.0.0.1:5000")
-BASE = os.environ.get("LAB_BASE_IMAGE", "local/debian:bookworm")
 DIGEST_REF = re.compile(r"^[^@]+@sha256:[0-9a-f]{64}$")
-
-
-def _unavailable(reason: str):
-    """Skip with the reason; under CI the engine must start, so fail instead."""
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"CI must run the Docker tests: {reason}")
-    pytest.skip(reason)
-
-
-def _start(script: str) -> None:
-    try:
-        proc = subprocess.run(["bash", str(REPO / "scripts" / script)], capture_output=True,
-                              text=True, timeout=1200)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        _unavailable(f"scripts/{script} did not finish: {exc}")
-    if proc.returncode != 0:
-        tail = " | ".join(proc.stderr.strip().splitlines()[-4:])
-        _unavailable(f"scripts/{script} could not start it: {tail}")
-
-
-@pytest.fixture(scope="session")
-def docker_client():
-    """A client of a running engine, with the base image and the loopback registry ready."""
-    try:
-        import docker  # noqa: F401
-    except ImportError:
-        _unavailable("the Python package 'docker' is not installed (pip install -e '.[docker]')")
-    _start("start-docker.sh")
-    _start("start-registry.sh")
-    from lab.envs.docker import connect
-
-    return connect()
-
-
-def locked_copy(dest: Path) -> Path:
-    """A locked copy of the cdot test harness (a compiled C function), outside the repository."""
-    shutil.copytree(CDOT, dest, ignore=shutil.ignore_patterns("__pycache__", "lock.json",
-                                                              "image.lock.json"))
-    write_lock(load(dest))
-    return dest
-
-
-@pytest.fixture(scope="session")
-def published(docker_client, tmp_path_factory):
-    """cdot's image, published once per session: (harness, the image lock publish returned)."""
-    from lab.publish import publish
-
-    harness = load(locked_copy(tmp_path_factory.mktemp("published") / "cdot"))
-    lock_digest = harness.lock_digest()
-    record = publish(harness, REGISTRY, base_image=BASE, client=docker_client)
-    return harness, record, lock_digest
 
 
 # --- with an engine ---------------------------------------------------------------------------
