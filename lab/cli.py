@@ -317,6 +317,63 @@ def publish(harness, registry, dockerfile, base_image, tag, as_json):
     click.echo(f"published {record['image']}")
 
 
+@cli.command()
+@click.argument("run_path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--experiment", help="commit (prefix) or number of the experiment (default: the last kept)")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="bundle file to write")
+def export(run_path, experiment, out):
+    """Write a bundle of a kept result that a colleague can reproduce with one command."""
+    from .bundle import export as export_bundle
+    from .harness import load
+    from .store import RunFolder
+
+    harness = load(RunFolder.open(run_path).meta["harness_root"])
+    click.echo(f"wrote {export_bundle(run_path, harness, experiment, out)}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--env", "env_name", type=click.Choice(["auto", "native", "docker", "nix"]), default="auto",
+              show_default=True, help="auto: the bundle's image by digest when it names one, else native")
+@click.option("--harness", "harness_ref", help="harness name or folder (default: the bundle's harness by name)")
+@RUNS_OPTION
+@JSON_OPTION
+def reproduce(bundle, env_name, harness_ref, runs_dir, as_json):
+    """Reproduce a bundle: same build, same outputs on the recorded seeds, the speedup re-timed."""
+    from .bundle import peek, reproduce as reproduce_bundle
+    from .envs import get
+    from .envs.docker import DockerEnv
+    from .harness import load
+    from .store import new_run_id
+
+    data = peek(bundle)
+    harness = load(harness_ref or data.get("harness", ""))
+    recorded_env = str(data.get("environment", ""))
+    if env_name == "docker" or (env_name == "auto" and "@sha256:" in recorded_env):
+        env = DockerEnv(harness, image=recorded_env if "@sha256:" in recorded_env else None)
+    else:
+        env = get("native" if env_name == "auto" else env_name, harness)
+    report = reproduce_bundle(bundle, harness, env, runs_dir / "records" / f"{new_run_id(harness.name)}-reproduce")
+    if as_json:
+        _print_json(report)
+    else:
+        def fmt(v):
+            return (f"{v['speedup']:.4f}x (99% CI {v['ci'][0]:.4f}-{v['ci'][1]:.4f}, {v['pairs']} pairs)"
+                    if v.get("speedup") and v.get("ci") else str(v.get("status")))
+        _table(f"reproduction of {bundle.name}", ["", "recorded", "now"], [
+            ["environment", report["environment_recorded"], report["environment_now"]],
+            ["build artifact", report["artifact_recorded"][:16], report["artifact_now"][:16]
+             + ("  identical" if report["artifact_identical"] else "  DIFFERENT")],
+            ["oracle outputs on the recorded seeds", "", "identical" if report["outputs_identical"] else "DIFFERENT"],
+            ["correctness", "pass", "pass" if report["correct"] else "FAIL"],
+            ["speedup", fmt(report["speedup_recorded"]) + (f"; cumulative {report['speedup_recorded_cumulative']:.4f}x"
+                                                           if report["speedup_recorded_cumulative"] else ""),
+             fmt(report["speedup_now"]) + " vs the baseline measured anew"],
+            ["fingerprint fields that differ", "", ", ".join(report["fingerprint_differences"]) or "none"],
+        ])
+    sys.exit(0 if report["ok"] else 1)
+
+
 def parse_duration(text: str) -> float:
     """'8h', '45m', '90s', '1h30m' -> seconds."""
     import re

@@ -55,6 +55,7 @@ def run_evaluation(
     max_seconds: float | None = None,
     min_pairs: int | None = None,
     fingerprint_extra: dict | None = None,
+    check_seeds: list[int] | None = None,
 ) -> Outcome:
     """Evaluate `candidate_tree` (against `incumbent_tree` unless mode is check or aa)."""
     verify_lock(harness)
@@ -67,7 +68,9 @@ def run_evaluation(
         extra["incumbent_source"] = stage_editable(harness, incumbent_tree, stage / "incumbent")
 
     seeds_file = work_dir / "seeds.json"
-    seeds = {"check": secret_seeds(harness.oracle_seeds), "timing": secret_seeds(1)[0]}
+    # Fresh secret seeds, unless a reproduction replays the seeds a bundle recorded.
+    seeds = {"check": list(check_seeds) if check_seeds else secret_seeds(harness.oracle_seeds),
+             "timing": secret_seeds(1)[0]}
     fd = os.open(seeds_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(seeds, f)

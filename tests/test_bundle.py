@@ -1,0 +1,126 @@
+"""Export a kept result and reproduce it: natively, and inside the published image pulled back by
+digest (a real engine and registry); every refusal before anything is applied."""
+
+import json
+import tarfile
+
+import pytest
+
+from lab.bundle import export, reproduce
+from lab.envs import get
+from lab.errors import BundleError
+from lab.loop import Lab, Settings
+from lab.agents import Proposal
+from lab.workspace import git
+
+from conftest import lab_cli, locked_copy
+
+FAST = ("--- a/work.c\n+++ b/work.c\n@@ -3,3 +3,3 @@\n {\n-    volatile double s = 0.0;\n"
+        "+    double s = 0.0;\n     for (long i = 0; i < n; i++)\n")
+
+
+def _slow_incumbent(repo, harness):
+    work = harness.root / "work.c"
+    work.write_text(work.read_text().replace("double s = 0.0;", "volatile double s = 0.0;"))
+    git(repo, "commit", "-qam", "slow incumbent")
+
+
+def _kept_run(harness, repo, env):
+    lab = Lab.start(harness, repo / "runs", env, Settings(delta=0.02, canary_every=0))
+    lab.measure_noise()
+    event = lab.experiment(Proposal(patch=FAST, hypothesis="drop volatile"))
+    assert event["verdict"]["status"] == "KEEP", event["verdict"]
+    return lab
+
+
+@pytest.fixture
+def bundle(cdot, cdot_repo):
+    _slow_incumbent(cdot_repo, cdot)
+    lab = _kept_run(cdot, cdot_repo, get("native"))
+    return export(lab.folder.path, cdot), cdot
+
+
+def test_native_bundle_reproduces_bit_for_bit(bundle, tmp_path):
+    path, harness = bundle
+    data = json.load(tarfile.open(path).extractfile("bundle.json"))
+    assert data["patch"].startswith("diff --git a/work.c b/work.c")
+    assert data["oracle_seeds"] and data["output_hashes"] and data["pairs"]
+    report = reproduce(path, harness, get("native"), tmp_path / "repro")
+    assert report["ok"], report
+    assert report["artifact_identical"] and report["outputs_identical"] and report["correct"]
+    assert report["verdict_now"] == "KEEP" and report["speedup_now"]["speedup"] > 1.5
+
+
+def test_truncated_bundle_refused(bundle, tmp_path):
+    path, harness = bundle
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(BundleError, match="truncated"):
+        reproduce(cut, harness, get("native"), tmp_path / "r")
+    assert not (tmp_path / "r" / "candidate").exists()
+
+
+def _rewrite(path, tmp_path, change):
+    src = tmp_path / "unpacked"
+    with tarfile.open(path) as tar:
+        tar.extractall(src)
+    data = json.loads((src / "bundle.json").read_text())
+    change(data)
+    (src / "bundle.json").write_text(json.dumps(data))
+    out = tmp_path / "changed.tar.gz"
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(src / "bundle.json", arcname="bundle.json")
+        tar.add(src / "base", arcname="base")
+    return out
+
+
+def test_patch_touching_a_locked_file_refused(bundle, tmp_path):
+    path, harness = bundle
+    bad = _rewrite(path, tmp_path, lambda d: d.update(
+        patch="--- a/harness.py\n+++ b/harness.py\n@@ -1 +1 @@\n-x\n+y\n"))
+    with pytest.raises(BundleError, match="outside the editable surface"):
+        reproduce(bad, harness, get("native"), tmp_path / "r")
+    assert not (tmp_path / "r" / "candidate").exists()
+
+
+def test_malformed_bundle_refused(bundle, tmp_path):
+    path, harness = bundle
+    bad = _rewrite(path, tmp_path, lambda d: d.pop("oracle_seeds"))
+    with pytest.raises(BundleError, match="lacks oracle_seeds"):
+        reproduce(bad, harness, get("native"), tmp_path / "r")
+
+
+def test_different_local_harness_refused(bundle, tmp_path):
+    path, harness = bundle
+    (harness.root / "program.md").write_text("changed locally\n")
+    with pytest.raises(BundleError, match="differs from the bundle's in its locked files: program.md"):
+        reproduce(path, harness, get("native"), tmp_path / "r")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_reproduce_inside_the_pulled_image(published, docker_client, tmp_path):
+    """A kept result made inside the published CPU image, exported, the image deleted locally,
+    then `lab reproduce` pulls it back by digest and rebuilds bit for bit."""
+    from lab.envs.docker import DockerEnv
+    from lab.harness import load
+
+    _, record, _ = published
+    repo = tmp_path / "project"
+    harness = load(locked_copy(repo / "cdot"))
+    git(tmp_path, "init", "-q", "-b", "main", str(repo))
+    git(repo, "-c", "user.email=t@e", "-c", "user.name=t", "add", "-A")
+    git(repo, "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "base")
+    git(repo, "config", "user.email", "t@e")
+    git(repo, "config", "user.name", "t")
+    _slow_incumbent(repo, harness)
+    lab = _kept_run(harness, repo, DockerEnv(harness, image=record["image"]))
+    assert "@sha256:" in lab.folder.meta["environment"]
+    path = export(lab.folder.path, harness)
+
+    docker_client.images.remove(record["image"], force=True)
+    out = lab_cli("reproduce", str(path), "--harness", str(harness.root), "--json", "--runs", str(tmp_path / "runs"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["environment_now"] == record["image"]
+    assert report["artifact_identical"] and report["outputs_identical"], report
