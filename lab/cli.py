@@ -423,12 +423,20 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, model, web_search
     agent = make_agent(agent_spec, model=model, web_search=web_search)  # no key: stops here
     settings = Settings(budget_s=budget_s, max_experiments=max_experiments, max_usd=max_usd,
                         delta=delta, env=env_name, gpu_index=gpu_index, agent=agent_spec, model=model)
-    display = _display(quiet)
+    from .display import LiveView
+
+    view = LiveView(settings.budget_s)
+    display = None if quiet else view
     lab = (Lab.resume(resume_path, h, env, settings, display=display) if resume_path
            else Lab.start(h, runs_dir, env, settings, display=display))
+    view.lab = lab
     click.echo(f"run folder: {lab.folder.path} (branch {lab.folder.meta['branch']})")
     started = time.monotonic()
-    reason = lab.loop(agent, started=started)
+    if quiet:
+        reason = lab.loop(agent, started=started)
+    else:
+        with view:
+            reason = lab.loop(agent, started=started)
     summary = lab.summary()
     click.echo(f"stopped: {reason}")
     _print_summary(summary)

@@ -1,0 +1,70 @@
+"""The live view of a run: elapsed of budget, experiments by verdict, best with its CI, spend, and
+what the lab or the agent is doing now. On a terminal a rich panel redrawn in place; elsewhere
+(a log file, CI) one plain line per activity."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+
+class LiveView:
+    def __init__(self, budget_s: float | None = None):
+        from rich.console import Console
+
+        self.console = Console()
+        self.budget_s = budget_s
+        self.started = time.monotonic()
+        self.lab = None
+        self.activity = "starting"
+        self._live = None
+
+    def __call__(self, text: str) -> None:
+        """The loop's `say`: record the activity and redraw."""
+        self.activity = text
+        if self._live is not None:
+            self._live.update(self.render())
+        else:
+            self.console.log(text)
+
+    def __enter__(self):
+        if sys.stdout.isatty():
+            from rich.live import Live
+
+            self._live = Live(self.render(), console=self.console, refresh_per_second=2)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._live is not None:
+            self._live.__exit__(*exc)
+            self._live = None
+        return False
+
+    def render(self):
+        from rich.panel import Panel
+        from rich.table import Table
+
+        table = Table.grid(padding=(0, 2))
+        elapsed = time.monotonic() - self.started
+        budget = f" of {self.budget_s / 3600:.2f} h" if self.budget_s else ""
+        table.add_row("elapsed", f"{elapsed / 3600:.2f} h{budget}")
+        if self.lab is not None:
+            state = self.lab.state()
+            table.add_row("experiments", ", ".join(f"{k} {v}" for k, v in sorted(state.verdicts.items())) or "none yet")
+            table.add_row("best", f"{state.best_speedup:.4f}x over the baseline" + _last_ci(self.lab))
+            table.add_row("noise", "not measured" if state.noise_floor is None else
+                          f"floor {state.noise_floor * 100:.2f}%, delta {state.delta * 100:.2f}%")
+            table.add_row("spent", f"${state.spent_usd:.2f}")
+        table.add_row("now", self.activity)
+        title = f"lab run {self.lab.folder.meta['id']}" if self.lab is not None else "lab run"
+        return Panel(table, title=title)
+
+
+def _last_ci(lab) -> str:
+    kept = [e for e in lab.folder.events() if e["type"] == "evaluated" and e["status"] == "keep"]
+    if not kept or kept[-1]["verdict"].get("ci_low") is None:
+        return ""
+    v = kept[-1]["verdict"]
+    return f" (last keep {math.exp(-v['median']):.4f}x, 99% CI {math.exp(-v['ci_high']):.4f}-{math.exp(-v['ci_low']):.4f})"
