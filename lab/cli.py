@@ -147,13 +147,37 @@ def check(harness, src, env_name, runs_dir, as_json):
 @click.option("--src", type=click.Path(exists=True, file_okay=False), help="candidate tree (default: the harness's own)")
 @click.option("--against", type=click.Path(exists=True, file_okay=False), help="incumbent tree (default: the harness's own)")
 @click.option("--delta", type=float, help="decision threshold as a fraction (default 0.005)")
+@click.option("--against-record", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="an earlier record to report beside this one; refused if it came from another machine or software")
 @ENV_OPTION
 @RUNS_OPTION
 @JSON_OPTION
-def bench(harness, src, against, delta, env_name, runs_dir, as_json):
+def bench(harness, src, against, delta, against_record, env_name, runs_dir, as_json):
     """One paired evaluation: candidate (--src) against incumbent (--against)."""
+    earlier = _comparable_record(harness, against_record, env_name) if against_record else None
     h, outcome = _one_evaluation(harness, src, against, env_name, "evaluate", runs_dir, delta)
     _report(h, outcome, as_json)
+    if earlier is not None and not as_json:
+        v = earlier.get("verdict") or {}
+        click.echo(f"earlier record {against_record}: {v.get('status', earlier.get('status', '?'))}")
+
+
+def _comparable_record(harness_name, path: Path, env_name) -> dict:
+    """Refuse to set results side by side when their fingerprints differ, naming the fields."""
+    from .envs import get
+    from .errors import FingerprintMismatch
+    from .harness import load
+    from .system.fingerprint import collect, differences
+
+    data = json.loads(path.read_text())
+    h = load(harness_name)
+    now = collect(extra={"harness_lock": h.lock_digest(), "environment": get(env_name, h).reference()})
+    differ = differences(data.get("fingerprint") or {}, now)
+    if differ:
+        raise FingerprintMismatch(
+            f"{path} comes from another machine or software ({', '.join(differ[:8])}"
+            + ("..." if len(differ) > 8 else "") + "); results from different fingerprints are never compared")
+    return data
 
 
 @cli.command()

@@ -278,6 +278,9 @@ class Lab:
                                                      f"{confirmation.verdict.status}"})
         status = STATUS_OF.get(verdict.status, "discard")
         ev = outcome.evaluation
+        if ev.busy_cpus:
+            self.folder.append("note", text=f"#{number}: timing core(s) {ev.busy_cpus} were busy before "
+                               "the timing: another process competes with the measurement")
         candidate_seconds = [p.candidate.seconds for p in ev.pairs]
         event = self.folder.append(
             "evaluated", number=number, commit=commit, source_hash=source_hash, status=status,

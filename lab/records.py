@@ -193,4 +193,6 @@ class Evaluation(Record):
     seconds: float = 0.0
     timing_seconds: float = 0.0
     work: dict = field(default_factory=dict)
+    timing_cpus: list[int] = field(default_factory=list)  # the cores the timing was pinned to
+    busy_cpus: list[int] = field(default_factory=list)  # of those, busy just before the timing
     schema_version: int = SCHEMA_VERSION

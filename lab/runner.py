@@ -131,6 +131,28 @@ def time_pairs(harness: Harness, incumbent: Build, candidate: Build, *, seed: in
             harness.unload(loaded_b)
 
 
+def _timing_cpus(harness: Harness, gpu_index: int) -> tuple[list[int], list[int]]:
+    """Pin this process, for the timing only, to a core on the GPU's NUMA node, apart from the
+    cores where builds, the lab and the agent run; return (the cores, those already busy).
+    Builds and the oracle ran before, unpinned, on the rest."""
+    from .system import cpus
+
+    node = None
+    if harness.environment.needs_gpu:
+        from .system.telemetry import device_handle, open_nvml, read
+
+        nvml = open_nvml()
+        handle = device_handle(nvml, gpu_index) if nvml is not None else None
+        pci = read(nvml, "nvmlDeviceGetPciInfo", handle) if handle is not None else None
+        bus = getattr(pci, "busId", None)
+        if bus is not None:
+            node = cpus.gpu_numa_node(bus.decode() if isinstance(bus, bytes) else str(bus))
+    chosen = cpus.choose_timing_cpus(1, node=node)
+    busy = cpus.busy_cpus(chosen)
+    cpus.pin(chosen)
+    return chosen, busy
+
+
 def _telemetry_for(harness: Harness, gpu_index: int):
     if not harness.environment.needs_gpu:
         return None
@@ -187,7 +209,9 @@ def evaluate(args) -> Evaluation:
             record.status, record.reason = CRASH, "the incumbent no longer builds: " + record.incumbent_build.error[-1500:]
             return _finish(record, started)
 
-    say("timing in interleaved pairs")
+    record.timing_cpus, record.busy_cpus = _timing_cpus(harness, args.gpu_index)
+    say(f"timing in interleaved pairs on CPU {record.timing_cpus}"
+        + (f" (busy before timing: {record.busy_cpus})" if record.busy_cpus else ""))
     try:
         candidate = record.incumbent_build if args.mode == "aa" else record.candidate_build
         record.pairs, record.telemetry, record.timing_seconds = time_pairs(

@@ -63,3 +63,15 @@ def test_main_job_without_gpu_stops_at_once_with_what_to_do():
 def test_bad_budget():
     out = lab_cli("run", str(CDOT), "--budget", "soon")
     assert out.returncode != 0 and "not a duration" in out.stderr
+
+
+def test_bench_against_a_record_from_another_machine_refuses(cdot, cdot_repo, tmp_path):
+    out = lab_cli("check", str(cdot.root), "--json", cwd=cdot_repo)
+    record_path = json.loads(out.stdout)["record"]
+    record = json.loads((cdot_repo / record_path).read_text() if not record_path.startswith("/")
+                        else open(record_path).read())
+    record["fingerprint"]["cpu"]["model"] = "Some Other CPU"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(record))
+    refused = lab_cli("bench", str(cdot.root), "--against-record", str(other), cwd=cdot_repo)
+    assert refused.returncode == 2 and "cpu.model" in refused.stderr and "never compared" in refused.stderr

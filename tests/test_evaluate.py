@@ -1,5 +1,6 @@
 """The runner and the lab's side of one evaluation, on the real cdot harness (compiled C)."""
 
+import os
 import shutil
 import subprocess
 
@@ -38,6 +39,9 @@ def test_slower_candidate_is_worse(cdot, tmp_path):
     assert out.verdict.pairs >= 20
     assert {p.order for p in out.evaluation.pairs} == {"AB", "BA"}  # random order within pairs
     assert out.evaluation.fingerprint.get("candidate_source")
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) > 1:  # timing pinned to one core, never to every core
+        assert len(out.evaluation.timing_cpus) == 1 and out.evaluation.timing_cpus[0] in allowed
 
 
 def test_wrong_result_fails_the_oracle(cdot, tmp_path):
