@@ -1,0 +1,221 @@
+"""Build llama.cpp's tools from the pinned tree plus a candidate's editable files.
+
+One working tree and one CMake/Ninja build folder per backend live in the cache. A build
+overlays the staged editable files onto the pristine files there (only files whose bytes differ
+are rewritten, files the candidate removed are removed), runs Ninja, and copies the static
+binaries out. Ninja then recompiles only what changed, and ccache answers a switch back to a
+source it has seen (incumbent, candidate, incumbent...) in seconds. Every file outside the
+editable surface comes from the pinned tree's git objects, so a candidate cannot bring its own.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from lab import Build
+from lab.errors import EnvironmentUnavailable
+from lab.harness import sha256_file, tree_hash
+
+from . import source
+
+TOOLS = ("llama-bench", "llama-completion", "llama-perplexity", "llama-results")
+CUDA_TOOLS = ("test-backend-ops",)  # compares the CUDA ops with the CPU's
+BUILD_TIMEOUT_S = 3600
+ERROR_LINES = 60
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """What the harness builds for: the CPU backend, or CUDA for one compute capability."""
+
+    backend: str  # "cpu" or "cuda"
+    cuda_arch: str = ""  # "90" for an H100
+
+    @property
+    def key(self) -> str:
+        return f"{source.COMMIT}-{self.backend}{self.cuda_arch}"
+
+    @property
+    def tools(self) -> tuple[str, ...]:
+        return TOOLS + (CUDA_TOOLS if self.backend == "cuda" else ())
+
+    def cmake_args(self) -> list[str]:
+        args = ["-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
+                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=ON",
+                "-DLLAMA_BUILD_EXAMPLES=OFF", f"-DLLAMA_BUILD_COMMIT={source.COMMIT}", "-DLLAMA_BUILD_NUMBER=0",
+                "-DGGML_CCACHE=ON"]
+        if self.backend == "cuda":
+            args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_arch}", "-DGGML_NATIVE=OFF"]
+        else:
+            args += ["-DGGML_NATIVE=ON"]  # the timing machine's own ISA (AVX-512 where it has it)
+        return args
+
+
+def cuda_arch() -> str:
+    """The compute capability of GPU 0 as CMake wants it ('90'), from nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader", "-i", "0"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    if not re.fullmatch(r"\d+\.\d+", out):
+        raise EnvironmentUnavailable("the CUDA backend needs an NVIDIA GPU visible to nvidia-smi; "
+                                     "set LAB_LLAMACPP_BACKEND=cpu to build for the CPU")
+    return out.replace(".", "")
+
+
+def missing_tools(flavor: Flavor) -> list[str]:
+    need = ["cmake", "ninja", "ccache", "git", "c++", "cc"] + (["nvcc"] if flavor.backend == "cuda" else [])
+    return [t for t in need if shutil.which(t) is None]
+
+
+def ccache_env(workdir: Path, home: Path) -> dict:
+    """ccache keyed on paths relative to the working folder, so a cache made under another
+    $LAB_CACHE (a CI job, a test session) still hits; $CCACHE_DIR wins when the user set one."""
+    return {"CCACHE_DIR": os.environ.get("CCACHE_DIR") or str(home / "ccache"),
+            "CCACHE_BASEDIR": str(workdir), "CCACHE_NOHASHDIR": "1", "CCACHE_MAXSIZE": "5G"}
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _editable_in(tree: Path, is_editable, roots: tuple[str, ...]) -> set[str]:
+    found = set()
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(tree / root):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            for name in filenames:
+                rel = Path(dirpath, name).relative_to(tree).as_posix()
+                if is_editable(rel):
+                    found.add(rel)
+    return found
+
+
+def overlay(src: Path, staged: Path, is_editable, roots: tuple[str, ...]) -> list[str]:
+    """Make the editable files of `src` exactly those of `staged` (a file the candidate does not
+    have is removed); return the paths rewritten. Only this function writes into `src`."""
+    want = _editable_in(staged, is_editable, roots)
+    have = _editable_in(src, is_editable, roots)
+    changed = []
+    for rel in sorted(have - want):
+        (src / rel).unlink()
+        changed.append(rel)
+    for rel in sorted(want):
+        data = (staged / rel).read_bytes()
+        target = src / rel
+        if target.exists() and target.read_bytes() == data:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".lab-tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        changed.append(rel)
+    return changed
+
+
+def _locked_manifest(src: Path, is_editable) -> str:
+    """Size and modification time of every file of the working tree outside the surface."""
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath, name)
+            rel = path.relative_to(src).as_posix()
+            if not is_editable(rel):
+                st = path.lstat()
+                entries.append(f"{rel} {st.st_size} {st.st_mtime_ns}")
+    return "\n".join(entries) + "\n"
+
+
+def changed_from_pristine(repo: Path, staged: Path, is_editable, roots: tuple[str, ...]) -> list[str]:
+    """The editable files in which `staged` differs from the pinned tree (edited, added, removed)."""
+    pristine = {p: b for p, b in source.pristine_blobs(repo, roots).items() if is_editable(p)}
+    have = _editable_in(staged, is_editable, roots)
+    edited = [rel for rel in sorted(have) if pristine.get(rel) != source.blob_hash(staged / rel)]
+    return edited + sorted(set(pristine) - have)
+
+
+def _sanitize(text: str, workdir: Path) -> str:
+    return text.replace(str(workdir / "src") + "/", "").replace(str(workdir), "<build>")
+
+
+def _errors(log: str) -> str:
+    """The compiler's error lines (with a little context), else the log's tail."""
+    lines = log.splitlines()
+    keep = [i for i, l in enumerate(lines) if re.search(r"\berror\b|FAILED:|undefined reference", l)]
+    if not keep:
+        return "\n".join(lines[-ERROR_LINES:])
+    picked = sorted({j for i in keep for j in range(i, min(i + 3, len(lines)))})
+    return "\n".join(lines[j] for j in picked[:ERROR_LINES])
+
+
+def build(staged: Path, out: Path, *, home: Path, flavor: Flavor, is_editable, roots: tuple[str, ...],
+          jobs: int | None = None) -> Build:
+    """Build the tools for `staged` (the candidate's editable files) into `out/bin`."""
+    repo = source.prepare_tree(home)
+    # CMake records absolute paths: a cache mounted elsewhere (a container's /cache) gets its own
+    # build folder, and ccache, keyed on relative paths, still shares the objects.
+    workdir = home / "build" / f"{flavor.key}-{hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:8]}"
+    src, bld = workdir / "src", workdir / "build"
+    started = time.monotonic()
+    with _locked(workdir / ".lock"):
+        marker = workdir / "locked-files.json"
+        if not (marker.exists() and marker.read_text() == _locked_manifest(src, is_editable)):
+            # First use, or a file outside the surface changed since (a candidate's CMake or code
+            # can write anywhere it can reach): start again from the pinned tree.
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.rmtree(bld, ignore_errors=True)
+            source.export_pristine(repo, src)
+            marker.write_text(_locked_manifest(src, is_editable))
+        changed = overlay(src, staged, is_editable, roots)
+        edited = changed_from_pristine(repo, staged, is_editable, roots)
+        env = {**os.environ, **ccache_env(workdir, home)}
+        log_parts = []
+        if not (bld / "build.ninja").exists():
+            proc = subprocess.run(["cmake", "-S", str(src), "-B", str(bld), *flavor.cmake_args()],
+                                  capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT_S)
+            log_parts.append(proc.stdout + proc.stderr)
+            if proc.returncode != 0:
+                text = _sanitize("\n".join(log_parts), workdir)
+                return Build(ok=False, source_hash="", error="cmake configure failed:\n" + _errors(text),
+                             report=text[-4000:], seconds=time.monotonic() - started)
+        cmd = ["cmake", "--build", str(bld), "-j", str(jobs or os.cpu_count() or 2), "--target", *flavor.tools]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return Build(ok=False, source_hash="", error=f"the build ran past {BUILD_TIMEOUT_S} s",
+                         seconds=time.monotonic() - started)
+        log_parts.append(proc.stdout + proc.stderr)
+        text = _sanitize("\n".join(log_parts), workdir)
+        if proc.returncode != 0:
+            return Build(ok=False, source_hash="", error=_errors(text), report=text[-4000:],
+                         seconds=time.monotonic() - started)
+        bindir = out / "bin"
+        bindir.mkdir(parents=True, exist_ok=True)
+        for tool in flavor.tools:
+            shutil.copy2(bld / "bin" / tool, bindir / tool)
+    compiled = len(re.findall(r"Building (?:C|CXX|CUDA) object", text))
+    info = {"backend": flavor.backend, "cuda_arch": flavor.cuda_arch, "llama_cpp_commit": source.COMMIT,
+            "tree_hash": source.TREE_HASH, "cmake_args": " ".join(flavor.cmake_args()),
+            "changed_files": edited, "files_rewritten": len(changed), "objects_compiled": compiled,
+            "tools": {t: sha256_file(bindir / t) for t in flavor.tools}}
+    return Build(ok=True, source_hash="", artifact=str(bindir), artifact_sha256=tree_hash(bindir, list(flavor.tools)),
+                 report="\n".join(l for l in text.splitlines() if "warning" in l)[-4000:],
+                 seconds=time.monotonic() - started, info=info)

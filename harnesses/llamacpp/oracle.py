@@ -1,0 +1,308 @@
+"""The oracle: a candidate build must compute what the pristine build computes.
+
+Three checks, each against the pristine (baseline) build of the same pinned tree, run on the
+same machine and model, with the same fixed settings:
+
+1. greedy tokens (generation path, one token per step): `llama-completion --temp 0` for 64
+   tokens on a public prompt and on one secret excerpt of the corpus per seed; the text must be
+   identical. One wrong logit that moves an argmax shows here.
+2. prompt logits (batched path): `llama-results` on a secret excerpt writes every position's
+   logits; the harness reads both files itself and requires the same tokens and an NMSE of the
+   logits under 1e-6 (llama-results' own bound; the tool's `--check` verdict is not used).
+3. perplexity on the corpus (`llama-perplexity -c 128 --chunks 4`) within 0.1 % of the baseline.
+
+The pristine build's answers for the public inputs are computed once per machine and cached;
+the secret ones are computed fresh at every check, after the candidate's, from seeds the
+candidate never sees. Every tool runs in its own process with a scrubbed environment (no
+LLAMA_ARG_* or GGML_* overrides), a fixed thread count (results do not depend on the timing
+cores) and a time limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lab import Check, CheckItem
+
+from . import gguf
+
+CORPUS = Path(__file__).resolve().parent / "data" / "declaration.txt"
+PUBLIC_PROMPTS = {"france": "The capital of France is"}
+N_PREDICT = 64
+CTX = 512
+ORACLE_THREADS = 2  # fixed: some CPU paths split work by thread count (FA over >= 512 keys)
+EXCERPT_WORDS = (12, 24)  # words of a secret completion prompt
+LOGITS_WORDS = 40  # words of the secret prompt whose logits are compared
+NMSE_BOUND = 1e-6
+PPL_CTX, PPL_CHUNKS = 128, 4
+PPL_REL_BOUND = 1e-3
+TOOL_TIMEOUT_S = 180.0
+ENV_PREFIXES = ("LLAMA_", "GGML_")  # settings the tools read from the environment
+
+
+@dataclass
+class Tools:
+    """The binaries of one build and how to run them on one model."""
+
+    bindir: Path
+    model: Path
+    backend: str
+
+    def common(self) -> list[str]:
+        return ["-m", str(self.model), "-t", str(ORACLE_THREADS), "-fa", "on", "-fit", "off",
+                "-ngl", "99" if self.backend == "cuda" else "0"]
+
+    def run(self, tool: str, args: list[str], timeout: float = TOOL_TIMEOUT_S, model_args: bool = True) -> tuple[str, str]:
+        """(stdout, stderr) of one tool; ToolFailed with the reason when it fails or hangs."""
+        cmd = [str(self.bindir / tool), *(self.common() if model_args else []), *args]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env=clean_env())
+        except subprocess.TimeoutExpired:
+            raise ToolFailed(f"{tool} did not finish within {timeout:.0f} s") from None
+        out = proc.stdout.decode("utf-8", errors="replace")
+        err = proc.stderr.decode("utf-8", errors="replace")
+        if proc.returncode != 0:
+            tail = " | ".join(err.strip().splitlines()[-3:])[-400:]
+            raise ToolFailed(f"{tool} exited {_exit_text(proc.returncode)}: {tail}")
+        return out, err
+
+
+class ToolFailed(RuntimeError):
+    pass
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            import signal
+
+            return f"on signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"on signal {-code}"
+    return str(code)
+
+
+def clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIXES)}
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --- inputs --------------------------------------------------------------------------------------
+def corpus_words() -> list[str]:
+    return CORPUS.read_text().split()
+
+
+def excerpt(seed: int, purpose: str, n_words: int | tuple[int, int]) -> str:
+    """A secret prompt: consecutive words of the corpus at a place drawn from the seed."""
+    rng = random.Random(f"{seed}:{purpose}")
+    words = corpus_words()
+    n = n_words if isinstance(n_words, int) else rng.randint(*n_words)
+    start = rng.randrange(0, len(words) - n)
+    return " ".join(words[start:start + n])
+
+
+# --- the three measurements ----------------------------------------------------------------------
+def completion(tools: Tools, prompt: str) -> str:
+    out, _ = tools.run("llama-completion", ["-p", prompt, "-n", str(N_PREDICT), "--temp", "0", "-no-cnv",
+                                            "--ignore-eos", "--no-display-prompt", "-c", str(CTX), "-s", "0"])
+    return out
+
+
+def prompt_logits(tools: Tools, prompt: str, out_file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, logits[n_tokens, n_vocab]) as written by llama-results, read by the harness."""
+    tools.run("llama-results", ["-p", prompt, "-o", str(out_file), "-c", str(CTX)])
+    try:
+        g = gguf.read(out_file)
+        tokens = np.array(g.array("tokens"), dtype=np.int64)
+        logits = np.array(g.array("logits"), dtype=np.float64)
+    except gguf.NotGGUF as exc:
+        raise ToolFailed(f"llama-results wrote no readable results: {exc}") from None
+    return tokens, logits.reshape(tokens.size, -1)
+
+
+PPL_RE = re.compile(r"Final estimate: PPL = ([0-9.eE+-]+|nan|inf)")
+
+
+def perplexity(tools: Tools) -> float:
+    out, err = tools.run("llama-perplexity", ["-f", str(CORPUS), "-c", str(PPL_CTX), "--chunks", str(PPL_CHUNKS)])
+    found = PPL_RE.findall(out + "\n" + err)
+    if not found:
+        raise ToolFailed("llama-perplexity printed no final estimate")
+    return float(found[-1])
+
+
+def nmse(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Normalised mean squared error, as llama-results defines it: mse(a, b) / mse(a, 0)."""
+    denom = float(np.sum(reference * reference))
+    diff = reference - candidate
+    value = float(np.sum(diff * diff)) / denom if denom > 0 else math.inf
+    return value if math.isfinite(value) else math.inf
+
+
+# --- the pristine build's answers ----------------------------------------------------------------
+class Reference:
+    """The baseline's answers for the public inputs, cached in `folder` (per machine and model)."""
+
+    def __init__(self, tools: Tools, folder: Path):
+        self.tools, self.folder = tools, folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _cached(self, name: str, compute):
+        path = self.folder / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())["value"]
+        value = compute()
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"value": value}))
+        os.replace(tmp, path)
+        return value
+
+    def completion(self, name: str, prompt: str) -> str:
+        return self._cached(f"completion-{sha256_text(prompt)[:16]}", lambda: completion(self.tools, prompt))
+
+    def perplexity(self) -> float:
+        return self._cached(f"ppl-{PPL_CTX}x{PPL_CHUNKS}-{sha256_text(CORPUS.read_text())[:12]}",
+                            lambda: perplexity(self.tools))
+
+
+# --- the check -----------------------------------------------------------------------------------
+def run(candidate: Tools, reference: Reference, seeds: list[int], changed: list[str] = ()) -> Check:
+    """The check of `candidate`; `changed` (files that differ from the pinned tree) picks the
+    CUDA ops that test-backend-ops compares with the CPU on a CUDA build."""
+    t0 = time.monotonic()
+    items, lines, hashes = [], [], {}
+    items.append(_greedy(candidate, reference, seeds, lines, hashes))
+    items.append(_logits(candidate, reference, seeds, lines))
+    items.append(_perplexity(candidate, reference, lines))
+    if candidate.backend == "cuda":
+        items.append(_cuda_ops(candidate, touched_cuda_ops(changed), lines))
+    passed = all(i.passed for i in items)
+    lines.append(f"oracle: {'pass' if passed else 'FAIL'} ({time.monotonic() - t0:.1f} s)")
+    return Check(passed=passed, items=items, lines=lines, output_hashes=hashes, seconds=time.monotonic() - t0)
+
+
+def _greedy(candidate: Tools, reference: Reference, seeds, lines, hashes) -> CheckItem:
+    prompts = [(name, p, True) for name, p in PUBLIC_PROMPTS.items()]
+    prompts += [(f"secret{i}", excerpt(s, "completion", EXCERPT_WORDS), False) for i, s in enumerate(seeds)]
+    differ = []
+    try:
+        for name, prompt, public in prompts:
+            got = completion(candidate, prompt)
+            want = reference.completion(name, prompt) if public else completion(reference.tools, prompt)
+            hashes[f"completion:{name}"] = sha256_text(got)
+            if got != want:
+                at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                differ.append(f"{name} differs at character {at}: got {got[max(0, at - 20):at + 30]!r}, "
+                              f"baseline {want[max(0, at - 20):at + 30]!r}")
+    except ToolFailed as exc:
+        lines.append(f"greedy tokens: FAIL ({exc})")
+        return CheckItem("greedy_tokens", False, {"prompts": len(prompts)}, str(exc))
+    ok = not differ
+    lines.append(f"greedy tokens: {len(prompts) - len(differ)}/{len(prompts)} prompts identical to the baseline "
+                 f"({N_PREDICT} tokens each, temperature 0)")
+    return CheckItem("greedy_tokens", ok, {"prompts": len(prompts), "differing": len(differ), "n_predict": N_PREDICT},
+                     "; ".join(differ)[:1500])
+
+
+def _logits(candidate: Tools, reference: Reference, seeds, lines) -> CheckItem:
+    prompt = excerpt(seeds[0] if seeds else 0, "logits", LOGITS_WORDS)
+    with tempfile.TemporaryDirectory(prefix="lab-llamacpp-logits-") as tmp:
+        try:
+            tok_c, log_c = prompt_logits(candidate, prompt, Path(tmp) / "candidate.gguf")
+            tok_b, log_b = prompt_logits(reference.tools, prompt, Path(tmp) / "baseline.gguf")
+        except ToolFailed as exc:
+            lines.append(f"prompt logits: FAIL ({exc})")
+            return CheckItem("prompt_logits", False, {}, str(exc))
+    if tok_c.shape != tok_b.shape or not np.array_equal(tok_c, tok_b):
+        detail = f"the candidate tokenised the prompt into {tok_c.size} tokens, the baseline into {tok_b.size}"
+        lines.append(f"prompt logits: FAIL ({detail})")
+        return CheckItem("prompt_logits", False, {"tokens": int(tok_c.size)}, detail)
+    value = nmse(log_b, log_c)
+    argmax_same = float(np.mean(np.argmax(log_b, axis=1) == np.argmax(log_c, axis=1)))
+    finite = bool(np.all(np.isfinite(log_c)))
+    ok = finite and value <= NMSE_BOUND
+    lines.append(f"prompt logits: NMSE {value:.3g} (bound {NMSE_BOUND:g}) over {tok_c.size} positions, "
+                 f"argmax agreement {argmax_same:.0%}")
+    detail = "" if ok else (f"NMSE {value:.3g} > {NMSE_BOUND:g}" if finite else "non-finite logits")
+    return CheckItem("prompt_logits", ok, {"nmse": value, "tokens": int(tok_c.size), "argmax_agreement": argmax_same},
+                     detail)
+
+
+def _perplexity(candidate: Tools, reference: Reference, lines) -> CheckItem:
+    try:
+        got = perplexity(candidate)
+        want = reference.perplexity()
+    except ToolFailed as exc:
+        lines.append(f"perplexity: FAIL ({exc})")
+        return CheckItem("perplexity", False, {}, str(exc))
+    rel = abs(got - want) / want if math.isfinite(got) and want > 0 else math.inf
+    ok = rel <= PPL_REL_BOUND
+    lines.append(f"perplexity: {got:.4f} vs baseline {want:.4f} (relative difference {rel:.2g}, bound {PPL_REL_BOUND:g})")
+    return CheckItem("perplexity", ok, {"ppl": got, "baseline": want, "relative": rel},
+                     "" if ok else f"PPL {got:.4f} vs baseline {want:.4f}")
+
+
+# --- CUDA only: the touched ops against the CPU backend --------------------------------------------
+# Ops of a Gemma 3 decode step, and the ggml-cuda files that implement them. A changed file that
+# is not listed (common headers, ggml-cuda.cu, the build files) touches all of them.
+DECODE_OPS = ("MUL_MAT", "FLASH_ATTN_EXT", "RMS_NORM", "GLU", "ROPE", "GET_ROWS", "SET_ROWS", "ADD", "MUL",
+              "SCALE", "CPY")
+CUDA_FILE_OPS = [
+    (re.compile(r"^(mmvq|mmq|mmf|mmvf|mmq-|quantize|vecdotq|dequantize|convert|mma)"), ("MUL_MAT",)),
+    (re.compile(r"^fattn"), ("FLASH_ATTN_EXT",)),
+    (re.compile(r"^norm"), ("RMS_NORM",)),
+    (re.compile(r"^unary"), ("GLU",)),
+    (re.compile(r"^rope"), ("ROPE",)),
+    (re.compile(r"^getrows"), ("GET_ROWS",)),
+    (re.compile(r"^set-rows"), ("SET_ROWS",)),
+    (re.compile(r"^binbcast"), ("ADD", "MUL")),
+    (re.compile(r"^scale"), ("SCALE",)),
+    (re.compile(r"^cpy"), ("CPY",)),
+]
+BACKEND_OPS_TIMEOUT_S = 900.0
+
+
+def touched_cuda_ops(changed) -> tuple[str, ...]:
+    ops: list[str] = []
+    for rel in changed:
+        if not rel.startswith("ggml/src/ggml-cuda/"):
+            continue
+        name = rel.rsplit("/", 1)[-1]
+        hit = next((found for pattern, found in CUDA_FILE_OPS if pattern.search(name)), DECODE_OPS)
+        ops += [op for op in hit if op not in ops]
+    return tuple(ops)
+
+
+def _cuda_ops(candidate: Tools, ops: tuple[str, ...], lines) -> CheckItem:
+    if not ops:
+        lines.append("CUDA ops: no ggml-cuda file changed; test-backend-ops not needed")
+        return CheckItem("cuda_ops", True, {"ops": []})
+    failed = []
+    for op in ops:
+        try:
+            out, _ = candidate.run("test-backend-ops", ["test", "-b", "CUDA0", "-o", op],
+                                   timeout=BACKEND_OPS_TIMEOUT_S, model_args=False)
+        except ToolFailed as exc:
+            failed.append(f"{op}: {exc}")
+            continue
+        summary = re.findall(r"(\d+)/(\d+) tests passed", out)
+        if not summary or summary[-1][0] != summary[-1][1]:
+            failed.append(f"{op}: {summary[-1][0] + '/' + summary[-1][1] if summary else 'no'} tests passed")
+    lines.append(f"CUDA ops (test-backend-ops against the CPU): {len(ops) - len(failed)}/{len(ops)} ops pass "
+                 f"({', '.join(ops)})")
+    return CheckItem("cuda_ops", not failed, {"ops": list(ops), "failed": len(failed)}, "; ".join(failed)[:1500])

@@ -1,0 +1,90 @@
+"""A per-op time digest of tg128 for the agent (never used for a verdict).
+
+CPU: `perf record` (software clock, so it works in VMs without a PMU) samples one llama-bench
+run of three tg128 repetitions; the symbols are grouped into what they are in a ggml graph
+(the quantised dot product of each weight type is a MUL_MAT, ggml_compute_forward_X is op X,
+libgomp is the threads waiting at the graph's barriers). Load and warm-up are in the samples
+too and are shown as such, not hidden. Where perf is missing the digest says so.
+CUDA: `test-backend-ops perf` for the ops of a decode step (GPU time per op shape).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from . import bench
+from .oracle import clean_env
+
+DECODE_OPS = ("MUL_MAT", "FLASH_ATTN_EXT", "RMS_NORM", "GLU", "ROPE", "GET_ROWS", "SET_ROWS", "ADD", "MUL", "SCALE")
+_GROUPS = [
+    (re.compile(r"^ggml_(?:vec_dot|gemv|gemm)_(\w+?)_q8"), lambda m: f"MUL_MAT weights {m.group(1)}"),
+    (re.compile(r"^ggml_compute_forward_(\w+?)(?:_f32|_f16|_one_chunk|\.isra.*|\.part.*)*$"),
+     lambda m: m.group(1).upper()),
+    (re.compile(r"^(?:quantize_row_q8|ggml_cpu_fp16_to_fp32|ggml_cpu_fp32_to_fp16)"), lambda m: "activation quantize/convert"),
+    (re.compile(r"^ggml_graph_compute|^ggml_barrier|^ggml_threadpool"), lambda m: "graph scheduling"),
+    (re.compile(r"llama_vocab|llama_model_loader|gguf_|_Hashtable|_Map_base|basic_string|llama_model::load"),
+     lambda m: "model load (not decode)"),
+]
+
+
+def _group(dso: str, symbol: str) -> str:
+    if "libgomp" in dso:
+        return "threads waiting (OpenMP barrier spin)"
+    if dso.startswith("[kernel"):
+        return "kernel (page faults, syscalls)"
+    for pattern, name in _GROUPS:
+        m = pattern.search(symbol)
+        if m:
+            return name(m)
+    return "other"
+
+
+def cpu_digest(bindir: Path, model: Path, threads: int, cpu_mask: str, top: int = 12) -> str:
+    if shutil.which("perf") is None:
+        return "profile: `perf` is not installed (apt-get install linux-perf); no per-op digest on this machine"
+    cmd = bench.command(bindir / "llama-bench", model, backend="cpu", threads=threads, cpu_mask=cpu_mask)
+    cmd[cmd.index("-r") + 1] = "3"
+    with tempfile.TemporaryDirectory(prefix="lab-llamacpp-perf-") as tmp:
+        data = Path(tmp) / "perf.data"
+        rec = subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "1999", "-o", str(data), "--", *cmd],
+                             capture_output=True, text=True, env=clean_env(), timeout=600)
+        if rec.returncode != 0 or not data.exists():
+            return f"profile: perf record failed ({(rec.stderr or '').strip()[-300:]})"
+        rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "dso,symbol",
+                              "--field-separator", "\t"], capture_output=True, text=True, timeout=300)
+    groups: dict[str, float] = defaultdict(float)
+    symbols: list[tuple[float, str, str]] = []
+    for line in rep.stdout.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        parts = [p.strip() for p in line.split("\t")]
+        if len(parts) < 3 or not parts[0].endswith("%"):
+            continue
+        share = float(parts[0].rstrip("%"))
+        dso, symbol = parts[1], re.sub(r"^\[[.k]\]\s*", "", parts[2])
+        groups[_group(dso, symbol)] += share
+        symbols.append((share, dso, symbol))
+    tg = next((r for r in bench.parse_rows(rec.stdout) if r.get("n_gen")), {})
+    lines = [f"profile: perf, cpu-clock samples of one llama-bench run (3 x tg128, {threads} threads, "
+             f"{tg.get('avg_ts', '?')} tokens/s), load and warm-up included",
+             "by kind (share of all samples):"]
+    lines += [f"  {share:5.1f}%  {name}" for name, share in sorted(groups.items(), key=lambda kv: -kv[1])]
+    lines.append(f"top {top} symbols:")
+    lines += [f"  {share:5.1f}%  {symbol[:80]}  ({Path(dso).name})" for share, dso, symbol in symbols[:top]]
+    return "\n".join(lines)
+
+
+def cuda_digest(bindir: Path) -> str:
+    out = []
+    for op in DECODE_OPS:
+        proc = subprocess.run([str(bindir / "test-backend-ops"), "perf", "-b", "CUDA0", "-o", op],
+                              capture_output=True, text=True, env=clean_env(), timeout=600)
+        rows = [l.strip() for l in proc.stdout.splitlines() if "us/run" in l]
+        out.append(f"{op}: " + (f"{len(rows)} shapes" if rows else "no rows"))
+        out += [f"  {r}" for r in rows[:8]]
+    return "profile: test-backend-ops perf on CUDA0 (GPU time per op and shape)\n" + "\n".join(out)

