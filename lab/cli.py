@@ -420,13 +420,18 @@ def parse_duration(text: str) -> float:
 @click.option("--web-search", is_flag=True, help="let the research step use the API's web search")
 @click.option("--delta", type=float, help="decision threshold as a fraction (default: from the noise floor)")
 @click.option("--gpu", "gpu_index", type=int, default=0, show_default=True)
+@click.option("--gpus", "gpus_text", help="parallel: one evaluation at a time per GPU, e.g. 0,1 "
+              "(with --executor ray: as many at a time as GPUs named; default: the cluster's)")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+              help="where evaluations run (default local; ray: tasks on the cluster at --address)")
+@click.option("--address", default=None, help="the Ray cluster's head, HOST:PORT")
 @click.option("--resume", "resume_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="continue this run folder")
 @click.option("--quiet", is_flag=True)
 @ENV_OPTION
 @RUNS_OPTION
 def run(harness, budget, max_experiments, max_usd, agent_spec, model, web_search, delta, gpu_index,
-        resume_path, quiet, env_name, runs_dir):
+        gpus_text, executor, address, resume_path, quiet, env_name, runs_dir):
     """The main job: let an agent hill-climb HARNESS until a budget ends."""
     from .agents import make_agent
     from .envs import get
@@ -434,10 +439,19 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, model, web_search
     from .loop import Lab, Settings
 
     budget_s = parse_duration(budget)  # bad input is refused before anything starts
-    if resume_path and not harness:
+    earlier = {}
+    if resume_path:
         from .store import RunFolder
 
-        harness = RunFolder.open(resume_path).meta.get("harness_root")
+        earlier = RunFolder.open(resume_path).meta.get("settings", {})
+        harness = harness or RunFolder.open(resume_path).meta.get("harness_root")
+    from .parallel import parse_gpus
+
+    gpus = parse_gpus(gpus_text) if gpus_text else list(earlier.get("gpus") or [])
+    executor = executor or earlier.get("executor") or "local"
+    address = address or earlier.get("address") or ""
+    if executor == "ray" and not address:
+        raise click.UsageError("--executor ray needs --address HOST:PORT (the Ray head)")
     if not harness:
         raise click.UsageError("name a harness (see `lab harnesses`) or give --resume RUN")
     h = load(harness)
@@ -446,13 +460,22 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, model, web_search
     env.preflight()
     agent = make_agent(agent_spec, model=model, web_search=web_search)  # no key: stops here
     settings = Settings(budget_s=budget_s, max_experiments=max_experiments, max_usd=max_usd,
-                        delta=delta, env=env_name, gpu_index=gpu_index, agent=agent_spec, model=model)
+                        delta=delta, env=env_name, gpu_index=gpu_index, agent=agent_spec, model=model,
+                        gpus=gpus, executor=executor, address=address)
+    parallel = bool(gpus) or executor == "ray"
+    if parallel:  # a missing GPU, a busy one, a Ray address that does not answer: stop here
+        from .parallel import ParallelLab, make_executor
+
+        workers, slots = make_executor(h, env, settings)
     from .display import LiveView
 
     view = LiveView(settings.budget_s)
     display = None if quiet else view
-    lab = (Lab.resume(resume_path, h, env, settings, display=display) if resume_path
-           else Lab.start(h, runs_dir, env, settings, display=display))
+    lab_class = ParallelLab if parallel else Lab
+    lab = (lab_class.resume(resume_path, h, env, settings, display=display) if resume_path
+           else lab_class.start(h, runs_dir, env, settings, display=display))
+    if parallel:
+        lab.attach(workers, slots)
     view.lab = lab
     click.echo(f"run folder: {lab.folder.path} (branch {lab.folder.meta['branch']})")
     started = time.monotonic()
@@ -466,6 +489,23 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, model, web_search
     _print_summary(summary)
 
 
+@cli.command()
+@click.argument("harness")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="default: HARNESS.sky.yaml")
+@click.option("--accelerators", default="H200:1", show_default=True, help="per node, SkyPilot's syntax")
+@click.option("--nodes", type=int, default=2, show_default=True)
+@click.option("--image", help="default: the image of the harness's image.lock.json (lab publish)")
+def skypilot(harness, out, accelerators, nodes, image):
+    """Write a SkyPilot task file that starts Ray workers in HARNESS's image (not run)."""
+    from .harness import load
+    from .parallel import skypilot_task
+
+    h = load(harness)
+    out = out or Path(f"{h.name}.sky.yaml")
+    out.write_text(skypilot_task(h, accelerators=accelerators, nodes=nodes, image=image))
+    click.echo(f"wrote {out}; start it with `sky launch -c lab-{h.name} {out}`")
+
+
 def _print_summary(s: dict) -> None:
     click.echo(f"best: {s['best_speedup']:.4f}x over the baseline ({s['metric']} baseline "
                f"{s['baseline_metric']})" if s["baseline_metric"] is not None else "no baseline measured")
@@ -473,6 +513,9 @@ def _print_summary(s: dict) -> None:
     click.echo("experiments by verdict: " + (", ".join(f"{k} {v}" for k, v in sorted(s["verdicts"].items())) or "none")
                + f"; rejected {s['rejected']}")
     click.echo(f"spent: ${s['spent_usd']:.2f}; noise floor {s['noise_floor']}; delta {s['delta']}")
+    if s["pace"]["per_hour"] is not None:
+        click.echo(f"pace: {s['pace']['experiments']} experiments in {s['pace']['seconds']:.0f} s, "
+                   f"{s['pace']['per_hour']:.1f} per hour")
     click.echo(f"run folder: {s['run']}  branch: {s['branch']}")
 
 

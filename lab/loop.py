@@ -23,7 +23,7 @@ from .errors import LabError, PatchRejected
 from .evaluate import Outcome, run_evaluation
 from .harness import Harness, stage_editable
 from .records import CRASH, FAIL, KEEP, SAME, TIMEOUT, WORSE
-from .store import RunFolder, new_run_id
+from .store import RunFolder, new_run_id, pace
 from .workspace import Workspace, git, source_repo
 
 STATUS_OF = {KEEP: "keep", SAME: "discard", WORSE: "discard", FAIL: "fail", CRASH: "crash",
@@ -44,6 +44,10 @@ class Settings:
     gpu_index: int = 0
     agent: str = "anthropic"
     model: str | None = None
+    gpus: list = field(default_factory=list)  # parallel slots (lab/parallel.py); empty: sequential
+    executor: str = "local"  # local | ray
+    address: str = ""  # the Ray cluster's address, for --executor ray
+    max_lost: int = 3  # re-runs of an evaluation whose worker died, before it counts as a crash
 
 
 @dataclass
@@ -63,6 +67,7 @@ class RunState:
     since_keep: int = 0
     consecutive_failures: int = 0
     pending: dict | None = None  # the proposal in flight when the last process stopped
+    open_proposals: dict = field(default_factory=dict)  # number -> every proposal in flight (parallel)
     pending_keep: dict | None = None  # a keep decided but not yet committed
     kept: list = field(default_factory=list)
     best_speedup: float = 1.0
@@ -81,16 +86,21 @@ class RunState:
                 st.proposed = max(st.proposed, e["number"])
                 st.spent_usd += e.get("cost_usd", 0.0)
                 open_proposal = dict(e)
+                st.open_proposals[e["number"]] = open_proposal
             elif t in ("agent_failed", "research"):
                 st.spent_usd += e.get("cost_usd", 0.0)
             elif t == "rejected":
                 open_proposal = None
+                st.open_proposals.pop(e.get("number"), None)
             elif t == "evaluating":
                 st.tried_hashes.add(e["source_hash"])
-                if open_proposal is not None:
+                if e.get("number") in st.open_proposals:
+                    st.open_proposals[e["number"]]["evaluating"] = e
+                elif open_proposal is not None:
                     open_proposal["evaluating"] = e
             elif t == "evaluated":
                 open_proposal = None
+                st.open_proposals.pop(e.get("number"), None)
                 status = e["verdict"]["status"]
                 st.verdicts[status] = st.verdicts.get(status, 0) + 1
                 st.evaluation_seconds.append(e.get("seconds", 0.0))
@@ -223,13 +233,14 @@ class Lab:
         self.folder.render()
         return outcome
 
-    def canary(self) -> None:
-        """An A/A evaluation in the middle of a run: a KEEP or WORSE means the machine is noisy."""
+    def canary(self, at: int | None = None) -> None:
+        """An A/A evaluation in the middle of a run (after proposal `at`, default the latest): a
+        KEEP or WORSE means the machine is noisier than measured."""
         state = self.state()
-        outcome = self._evaluate(f"canary-{state.proposed}", "aa", state.delta)
+        at = state.proposed if at is None else at
+        outcome = self._evaluate(f"canary-{at}", "aa", state.delta)
         status = outcome.verdict.status
-        self.folder.append("canary", text=f"A/A canary: {status}", verdict=outcome.verdict.to_dict(),
-                           at=state.proposed)
+        self.folder.append("canary", text=f"A/A canary: {status}", verdict=outcome.verdict.to_dict(), at=at)
         if status in (KEEP, WORSE):
             self.folder.append("note", text="the A/A canary was not SAME: the machine is noisier than "
                                "measured; re-measuring the noise floor and widening delta")
@@ -276,32 +287,41 @@ class Lab:
                 verdict = type(verdict)(**{**verdict.to_dict(), "status": SAME,
                                            "reason": f"not confirmed: the confirming run said "
                                                      f"{confirmation.verdict.status}"})
-        status = STATUS_OF.get(verdict.status, "discard")
-        ev = outcome.evaluation
-        if ev.busy_cpus:
-            self.folder.append("note", text=f"#{number}: timing core(s) {ev.busy_cpus} were busy before "
-                               "the timing: another process competes with the measurement")
-        candidate_seconds = [p.candidate.seconds for p in ev.pairs]
-        event = self.folder.append(
-            "evaluated", number=number, commit=commit, source_hash=source_hash, status=status,
-            correct=bool(ev.check and ev.check.passed), description=proposal.hypothesis,
-            metric=statistics.median(p.candidate.value for p in ev.pairs) if ev.pairs else None,
-            unit_seconds=statistics.median(candidate_seconds) if candidate_seconds else None,
-            verdict=verdict.to_dict(),
-            confirmation=confirmation.verdict.to_dict() if confirmation else None,
-            check_lines=ev.check.lines if ev.check else [], reason=ev.reason[-500:],
-            seeds=ev.seeds,  # revealed only now, after the verdict
-            diffstat=self.workspace.diff_stat(state.base_commit), work=ev.work,
-            build_info=ev.candidate_build.info if ev.candidate_build else {},
-            record=str(outcome.record_path.relative_to(self.folder.path)),
-            seconds=time.monotonic() - start,
-        )
+        event = self._record_evaluated(number, commit, source_hash, proposal.hypothesis, outcome, verdict,
+                                       confirmation, self.workspace.diff_stat(state.base_commit),
+                                       time.monotonic() - start)
+        status = event["status"]
         if status == "keep":
             self._commit_keep(event, state)
         else:
             self.workspace.reset(state.incumbent_commit)
         self.folder.render()
         return event
+
+    def _record_evaluated(self, number: int, commit: str, source_hash: str, description: str,
+                          outcome: Outcome, verdict, confirmation: Outcome | None, diffstat: str,
+                          seconds: float, **extra) -> dict:
+        """Append the `evaluated` event of one experiment (the sequential and the parallel loop)."""
+        status = STATUS_OF.get(verdict.status, "discard")
+        ev = outcome.evaluation
+        if ev.busy_cpus:
+            self.folder.append("note", text=f"#{number}: timing core(s) {ev.busy_cpus} were busy before "
+                               "the timing: another process competes with the measurement")
+        candidate_seconds = [p.candidate.seconds for p in ev.pairs]
+        return self.folder.append(
+            "evaluated", number=number, commit=commit, source_hash=source_hash, status=status,
+            correct=bool(ev.check and ev.check.passed), description=description,
+            metric=statistics.median(p.candidate.value for p in ev.pairs) if ev.pairs else None,
+            unit_seconds=statistics.median(candidate_seconds) if candidate_seconds else None,
+            verdict=verdict.to_dict(),
+            confirmation=confirmation.verdict.to_dict() if confirmation else None,
+            check_lines=ev.check.lines if ev.check else [], reason=ev.reason[-500:],
+            seeds=ev.seeds,  # revealed only now, after the verdict
+            diffstat=diffstat, work=ev.work,
+            build_info=ev.candidate_build.info if ev.candidate_build else {},
+            record=str(outcome.record_path.relative_to(self.folder.path)),
+            seconds=seconds, **extra,
+        )
 
     def _commit_keep(self, event: dict, state: RunState) -> None:
         v = event["verdict"]
@@ -460,4 +480,5 @@ class Lab:
             "verdicts": state.verdicts, "proposals": state.proposed,
             "rejected": sum(1 for e in events if e["type"] == "rejected"),
             "spent_usd": round(state.spent_usd, 4), "noise_floor": state.noise_floor, "delta": state.delta,
+            "pace": pace(events),
         }
