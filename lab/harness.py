@@ -43,6 +43,11 @@ class Harness:
     # Bounds the runner enforces on one evaluation (the lab kills the process group past them).
     timeout_seconds: float = 600.0
     min_pairs: int = 20
+    # Reload both sides every block of pairs, alternating which is allocated first. Where the
+    # buffers land can matter by more than delta: on an H200 a wavegru candidate loaded second
+    # timed 0.4-1.3% slower than the identical incumbent loaded first in 9 of 9 A/A experiments,
+    # 4 of them judged WORSE (docs/scaling.md, "A placement bias"). Costs a load and a warm-up per side per block.
+    rotate_placement: bool = False
     min_timing_seconds: float = 2.0
     max_timing_seconds: float = 30.0
     oracle_seeds: int = 2  # secret seeds per check

@@ -13,7 +13,6 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -142,6 +141,7 @@ class Pair(Record):
     incumbent: Sample
     candidate: Sample
     block: int = 0  # telemetry block this pair belongs to
+    loaded_first: str = "A"  # which side was allocated first for this pair's block (rotate_placement)
 
     def log_ratio(self) -> float:
         return math.log(self.candidate.seconds / self.incumbent.seconds)

@@ -87,18 +87,25 @@ def time_pairs(harness: Harness, incumbent: Build, candidate: Build, *, seed: in
     from . import stats  # numpy: imported here so that `--help` stays fast
 
     rng = random.Random(seed)
-    loaded_a = harness.load(incumbent)
-    loaded_b = harness.load(candidate) if candidate is not incumbent else loaded_a
+    rotate = harness.rotate_placement
+    # Two loads even for an A/A (candidate is incumbent): the noise floor and the canaries must
+    # see whatever differs between two loads of one build, as every real comparison does.
+    loaded = _load_pair(harness, incumbent, candidate, a_first=True)
     pairs: list[Pair] = []
     blocks: list[TelemetryBlock] = []
     try:
         # One throw-away sample of each: module load, first-touch and clocks ramp stay out.
-        warm_seed = rng.getrandbits(63)
-        harness.sample(loaded_a, warm_seed)
-        harness.sample(loaded_b, warm_seed)
+        _warm(harness, loaded, rng.getrandbits(63))
         start = time.monotonic()
         block_index = 0
         while True:
+            a_first = block_index % 2 == 0 if rotate else True
+            if rotate and block_index > 0:
+                _unload_pair(harness, loaded)
+                loaded = {}
+                loaded = _load_pair(harness, incumbent, candidate, a_first=a_first)
+                _warm(harness, loaded, rng.getrandbits(63))
+            loaded_a, loaded_b = loaded["A"], loaded["B"]
             ctx = telemetry.block(block_index) if telemetry is not None else nullcontext()
             with ctx as monitor:
                 for _ in range(PAIRS_PER_BLOCK):
@@ -111,7 +118,7 @@ def time_pairs(harness: Harness, incumbent: Build, candidate: Build, *, seed: in
                         b = harness.sample(loaded_b, sample_seed)
                         a = harness.sample(loaded_a, sample_seed)
                     pairs.append(Pair(index=len(pairs), order=order, incumbent=a, candidate=b,
-                                      block=block_index))
+                                      block=block_index, loaded_first="A" if a_first else "B"))
             if telemetry is not None:
                 blocks.append(getattr(monitor, "result", None) or TelemetryBlock(index=block_index))
             block_index += 1
@@ -120,15 +127,38 @@ def time_pairs(harness: Harness, incumbent: Build, candidate: Build, *, seed: in
                 progress(len(pairs), elapsed)
             if any(not (p.incumbent.ok and p.candidate.ok) for p in pairs):
                 break  # a wrong timed output ends the timing: the verdict is FAIL already
+            if rotate and block_index % 2:
+                continue  # stop only after as many blocks with A first as with B first
             ratios = stats.log_ratios(pairs)
             if stats.should_stop(ratios, delta, elapsed_s=elapsed, min_pairs=min_pairs,
                                  min_seconds=min_seconds, max_seconds=max_seconds):
                 break
         return pairs, blocks, time.monotonic() - start
     finally:
-        harness.unload(loaded_a)
-        if loaded_b is not loaded_a:
-            harness.unload(loaded_b)
+        _unload_pair(harness, loaded)
+
+
+def _load_pair(harness: Harness, incumbent: Build, candidate: Build, a_first: bool) -> dict:
+    """Both sides loaded, the one named first allocated first: {"A": incumbent, "B": candidate}."""
+    order = (("A", incumbent), ("B", candidate)) if a_first else (("B", candidate), ("A", incumbent))
+    loaded: dict = {}
+    try:
+        for side, build in order:
+            loaded[side] = harness.load(build)
+    except BaseException:
+        _unload_pair(harness, loaded)
+        raise
+    return loaded
+
+
+def _unload_pair(harness: Harness, loaded: dict) -> None:
+    for side in list(loaded):
+        harness.unload(loaded.pop(side))
+
+
+def _warm(harness: Harness, loaded: dict, seed: int) -> None:
+    harness.sample(loaded["A"], seed)
+    harness.sample(loaded["B"], seed)
 
 
 def _timing_cpus(harness: Harness, gpu_index: int) -> tuple[list[int], list[int]]:

@@ -180,6 +180,25 @@ def experiments(events: list[dict]) -> list[dict]:
     return [e for e in events if e["type"] == "evaluated"]
 
 
+def pace(events: list[dict]) -> dict:
+    """Experiments finished per hour, from the first `proposed` to the last `evaluated` event.
+
+    The window leaves out the run's start (noise floor, baseline) so that runs with one GPU and
+    with several compare the loop itself; a resumed run's pause is inside the window.
+    """
+    done = experiments(events)
+    first = next((e["time"] for e in events if e["type"] == "proposed"), None)
+    if not done or first is None:
+        return {"experiments": len(done), "seconds": None, "per_hour": None}
+    seconds = (_parse_time(done[-1]["time"]) - _parse_time(first)).total_seconds()
+    return {"experiments": len(done), "seconds": round(seconds, 1),
+            "per_hour": round(len(done) * 3600 / seconds, 1) if seconds > 0 else None}
+
+
+def _parse_time(text: str) -> _dt.datetime:
+    return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def _fmt(x, digits=4):
     return "" if x is None else f"{x:.{digits}g}"
 
@@ -232,7 +251,7 @@ def log_md(events: list[dict], meta: dict) -> str:
             out.append(f"  - kept as {e.get('commit', '')[:10]}: {e.get('speedup', 0):.4f}x, cumulative "
                        f"{e.get('cumulative_speedup', 0):.4f}x over the baseline")
         elif t in ("note", "research", "canary", "noise_floor", "baseline", "run_started", "run_stopped",
-                   "resumed", "agent_failed", "plateau"):
+                   "resumed", "agent_failed", "plateau", "lost", "stale_keep", "workers"):
             text = e.get("text") or e.get("reason") or ""
             if t == "noise_floor":
                 text = f"A/A noise floor {e.get('noise_floor', 0) * 100:.3f}%, delta {e.get('delta', 0) * 100:.3f}%"
@@ -241,6 +260,10 @@ def log_md(events: list[dict], meta: dict) -> str:
             out.append(f"- {stamp} {t}: {text}")
     out += ["", "## Totals", ""]
     out.append(", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "no experiments yet")
+    rate = pace(events)
+    if rate["per_hour"] is not None:
+        out.append(f"\n{rate['experiments']} experiments in {rate['seconds']:.0f} s from the first proposal: "
+                   f"{rate['per_hour']:.1f} per hour")
     kept = [e for e in events if e["type"] == "evaluated" and e.get("status") == "keep"]
     if kept:
         out.append(f"\nKept: {len(kept)}; best so far: {kept[-1].get('description', '')}")

@@ -76,3 +76,18 @@ def test_views_rebuilt_from_events(tmp_path):
     assert float(cells[6]) == pytest.approx(1.105, abs=1e-3)
     log = (folder.path / "log.md").read_text()
     assert "KEEP" in log and "rejected: outside the editable surface" in log
+
+
+def test_pace_counts_experiments_per_hour_from_the_first_proposal():
+    from lab.store import log_md, pace
+
+    def ev(t, clock, **kw):
+        return {"type": t, "time": f"2026-11-22T10:{clock}+00:00", **kw}
+
+    events = [ev("baseline", "00:00"), ev("proposed", "01:00", number=1), ev("evaluated", "01:30", number=1),
+              ev("proposed", "01:30", number=2), ev("evaluated", "02:00", number=2),
+              ev("lost", "02:10", text="0003: the worker died (killed); re-running it")]
+    assert pace(events) == {"experiments": 2, "seconds": 60.0, "per_hour": 120.0}
+    assert pace(events[:2])["per_hour"] is None
+    log = log_md(events, {})
+    assert "120.0 per hour" in log and "the worker died" in log

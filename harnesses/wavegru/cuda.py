@@ -59,7 +59,13 @@ class Driver:
             cls._instance = cls()
         return cls._instance
 
-    def __init__(self):
+    @classmethod
+    def probe(cls) -> "Driver":
+        """The device's name and capability without a context: the lab's own process (preflight)
+        must not hold a context on a GPU it is about to time on, nor show up as its user."""
+        return cls(context=False)
+
+    def __init__(self, context: bool = True):
         try:
             self.lib = ctypes.CDLL("libcuda.so.1")
         except OSError as exc:
@@ -68,8 +74,9 @@ class Driver:
         self.device = ctypes.c_int()
         self.call("cuDeviceGet", ctypes.byref(self.device), 0)
         self.context = ctypes.c_void_p()
-        self.call("cuDevicePrimaryCtxRetain", ctypes.byref(self.context), self.device)
-        self.make_current()
+        if context:
+            self.call("cuDevicePrimaryCtxRetain", ctypes.byref(self.context), self.device)
+            self.make_current()
 
     def make_current(self):
         self.call("cuCtxSetCurrent", self.context)
