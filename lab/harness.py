@@ -48,6 +48,9 @@ class Harness:
     # timed 0.4-1.3% slower than the identical incumbent loaded first in 9 of 9 A/A experiments,
     # 4 of them judged WORSE (docs/scaling.md, "A placement bias"). Costs a load and a warm-up per side per block.
     rotate_placement: bool = False
+    # Python packages (distribution names) the harness's timing depends on, beyond the lab's own
+    # (torch, numpy, ...): their versions go into every record's fingerprint.
+    software: tuple[str, ...] = ()
     min_timing_seconds: float = 2.0
     max_timing_seconds: float = 30.0
     oracle_seeds: int = 2  # secret seeds per check

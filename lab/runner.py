@@ -264,11 +264,11 @@ def _finish(record: Evaluation, started: float) -> Evaluation:
     return record
 
 
-def _fingerprint(extra: dict) -> dict:
+def _fingerprint(extra: dict, harness_root: str) -> dict:
     try:
         from .system.fingerprint import collect
 
-        return collect(extra=extra)
+        return collect(extra=extra, software=tuple(load(harness_root).software))
     except Exception as exc:  # a record without a full fingerprint is still a record
         return {**extra, "error": _summary(exc, 300)}
 
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
         record = evaluate(args)
     except CandidateAborted as exc:
         record = Evaluation(harness=Path(args.harness).name, status=exc.status, reason=_summary(exc))
-        record.fingerprint = _fingerprint(json.loads(args.fingerprint_extra))
+        record.fingerprint = _fingerprint(json.loads(args.fingerprint_extra), args.harness)
         atomic_write(Path(args.out), record.to_json())
         sys.stdout.flush()
         sys.stderr.flush()
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
     except Exception as exc:
         # Refusals (a changed locked file, a broken harness) still leave a record behind.
         record = Evaluation(harness=Path(args.harness).name, status=CRASH, reason=_summary(exc))
-    record.fingerprint = _fingerprint(json.loads(args.fingerprint_extra))
+    record.fingerprint = _fingerprint(json.loads(args.fingerprint_extra), args.harness)
     atomic_write(Path(args.out), record.to_json())
     return 0
 

@@ -437,3 +437,12 @@ def test_pin_sets_this_process_affinity():
         assert os.sched_getaffinity(0) == {target}
     finally:
         os.sched_setaffinity(0, original)
+
+
+def test_a_harness_adds_its_own_packages_to_the_fingerprint(tmp_path):
+    import importlib.metadata
+
+    fp = fingerprint.collect(gpu_index=None, root=tmp_path, software=("click", "no-such-distribution"))
+    assert fp["software"]["click"] == importlib.metadata.version("click")
+    assert fp["software"]["no-such-distribution"] is None  # recorded as absent, not dropped
+    assert "torch" in fp["software"]  # the lab's own list stays

@@ -64,6 +64,8 @@ class Loaded:
 
 class MLXInference(Harness):
     name = "mlx"
+    # one of mlx-cpu / mlx-metal / mlx-cuda-13 is there; the tokenizer packages shape the offline model
+    software = ("mlx", "mlx-lm", "mlx-cpu", "mlx-metal", "mlx-cuda-13", "tokenizers", "transformers")
     description = ("mlx-lm generation pipeline (KV cache, prefill, sampler, decode loop) of one model; "
                    "64 prompt + 64 sampled tokens per unit, temperature 0.7, top-p 0.9")
     metric = Metric("generation_tps", "tokens/s", higher_is_better=True)

@@ -36,14 +36,16 @@ VOLATILE = frozenset({
 })
 
 
-def collect(extra: dict | None = None, gpu_index: int | None = 0, *, nvml=None, root: Path = cpus.ROOT) -> dict:
-    """Everything the protocol records about the machine; `extra` (hashes, image digest) merged in."""
+def collect(extra: dict | None = None, gpu_index: int | None = 0, *, nvml=None, root: Path = cpus.ROOT,
+            software: tuple[str, ...] = ()) -> dict:
+    """Everything the protocol records about the machine; `extra` (hashes, image digest) merged in;
+    `software`: the harness's own packages (Harness.software), recorded beside the lab's."""
     return {
         "gpu": _gpu(gpu_index, nvml) if gpu_index is not None else None,
         "cpu": _cpu(root),
         "os": {"kernel": platform.release(), "memory_bytes": _memory_bytes(root)},
         "software": {"python": platform.python_version(), "nvcc": nvcc_version(),
-                     **{name: _version(name) for name in SOFTWARE}},
+                     **{name: _version(name) for name in (*SOFTWARE, *software)}},
         **(extra or {}),
     }
 
