@@ -14,20 +14,19 @@ decides nothing: the verdict is the lab's (lab/stats.py).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import random
 import sys
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 from .errors import CandidateAborted
 from .harness import Harness, load, tree_hash, verify_lock
 from .records import CRASH, FAIL, Build, Check, CheckItem, Evaluation, Pair, TelemetryBlock
-from .store import atomic_write
+from .store import atomic_write, file_lock
 
 PAIRS_PER_BLOCK = 5  # telemetry granularity: a throttled block drops this many pairs at most
 
@@ -43,7 +42,7 @@ def build_cached(harness: Harness, stage: Path, cache: Path) -> Build:
     source_hash = tree_hash(stage, files)
     entry = cache / "builds" / harness.name / f"{harness.lock_digest()[:12]}-{source_hash[:20]}"
     entry.mkdir(parents=True, exist_ok=True)
-    with _file_lock(entry / ".lock"):
+    with file_lock(entry / ".lock"):
         record = entry / "build.json"
         if record.exists():
             build = Build.from_dict(json.loads(record.read_text()))
@@ -62,16 +61,6 @@ def build_cached(harness: Harness, stage: Path, cache: Path) -> Build:
         if build.ok:
             atomic_write(record, build.to_json(indent=1))
         return build
-
-
-@contextmanager
-def _file_lock(path: Path):
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _summary(exc: BaseException, limit: int = 2000) -> str:

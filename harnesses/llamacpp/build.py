@@ -10,20 +10,19 @@ editable surface comes from the pinned tree's git objects, so a candidate cannot
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
 import shutil
 import subprocess
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from lab import Build
 from lab.errors import EnvironmentUnavailable
 from lab.harness import sha256_file, tree_hash
+from lab.store import file_lock
 
 from . import source
 
@@ -83,17 +82,6 @@ def ccache_env(workdir: Path, home: Path) -> dict:
     $LAB_CACHE (a CI job, a test session) still hits; $CCACHE_DIR wins when the user set one."""
     return {"CCACHE_DIR": os.environ.get("CCACHE_DIR") or str(home / "ccache"),
             "CCACHE_BASEDIR": str(workdir), "CCACHE_NOHASHDIR": "1", "CCACHE_MAXSIZE": "5G"}
-
-
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _editable_in(tree: Path, is_editable, roots: tuple[str, ...]) -> set[str]:
@@ -175,7 +163,7 @@ def build(staged: Path, out: Path, *, home: Path, flavor: Flavor, is_editable, r
     workdir = home / "build" / f"{flavor.key}-{hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:8]}"
     src, bld = workdir / "src", workdir / "build"
     started = time.monotonic()
-    with _locked(workdir / ".lock"):
+    with file_lock(workdir / ".lock"):
         marker = workdir / "locked-files.json"
         if not (marker.exists() and marker.read_text() == _locked_manifest(src, is_editable)):
             # First use, or a file outside the surface changed since (a candidate's CMake or code
