@@ -90,8 +90,7 @@ def time_pairs(harness: Harness, incumbent: Build, candidate: Build, *, seed: in
         while True:
             a_first = block_index % 2 == 0 if rotate else True
             if rotate and block_index > 0:
-                _unload_pair(harness, loaded)
-                loaded = {}
+                _unload_pair(harness, loaded)  # empties `loaded`: a failing load below leaves nothing to unload
                 loaded = _load_pair(harness, incumbent, candidate, a_first=a_first)
                 _warm(harness, loaded, rng.getrandbits(63))
             loaded_a, loaded_b = loaded["A"], loaded["B"]
