@@ -252,17 +252,21 @@ class Lab:
         self.folder.render()
 
     # --- one experiment ---------------------------------------------------------------------
+    def _record_proposal(self, proposal: Proposal, number: int) -> int:
+        """The patch and its transcript into the ledger, then the `proposed` event: `number`."""
+        entry = self.folder.write_ledger(number, proposal.patch, {
+            "number": number, "hypothesis": proposal.hypothesis, "cost_usd": proposal.cost_usd,
+            "usage": proposal.usage, "transcript": proposal.transcript,
+        })
+        self.folder.append("proposed", number=number, hypothesis=proposal.hypothesis,
+                           ledger=entry, cost_usd=proposal.cost_usd)
+        return number
+
     def experiment(self, proposal: Proposal, number: int | None = None, replay: dict | None = None) -> dict:
         """Take one proposal through the gate; returns the `evaluated` or `rejected` event."""
         state = self.state()
         if replay is None:
-            number = state.proposed + 1
-            entry = self.folder.write_ledger(number, proposal.patch, {
-                "number": number, "hypothesis": proposal.hypothesis, "cost_usd": proposal.cost_usd,
-                "usage": proposal.usage, "transcript": proposal.transcript,
-            })
-            self.folder.append("proposed", number=number, hypothesis=proposal.hypothesis,
-                               ledger=entry, cost_usd=proposal.cost_usd)
+            number = self._record_proposal(proposal, state.proposed + 1)
         message = f"lab #{number}: {proposal.hypothesis}".strip()
         tried = set(state.tried_hashes)
         if replay is not None and replay.get("evaluating"):

@@ -520,14 +520,7 @@ class ParallelLab(Lab):
                         self._stop = f"{s.max_consecutive_failures} proposals in a row failed"
                         return None
                     continue
-                number = state.proposed + 1
-                entry = self.folder.write_ledger(number, proposal.patch, {
-                    "number": number, "hypothesis": proposal.hypothesis, "cost_usd": proposal.cost_usd,
-                    "usage": proposal.usage, "transcript": proposal.transcript,
-                })
-                self.folder.append("proposed", number=number, hypothesis=proposal.hypothesis,
-                                   ledger=entry, cost_usd=proposal.cost_usd)
-                return proposal, number, None
+                return proposal, self._record_proposal(proposal, state.proposed + 1), None
 
     def _dispatch(self, slot: Slot, agent: Agent, deadline: float, interrupts: Interrupts) -> None:
         self._local.slot = slot

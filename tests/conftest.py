@@ -128,3 +128,15 @@ def published(docker_client, tmp_path_factory):
     return harness, record, lock_digest
 
 
+
+
+def git_apply_in_copy(tree: Path, patch: str, tmp_path: Path) -> Path:
+    """`patch` applied with `git apply` (checked first) to a committed copy of `tree`: the copy."""
+    copy = tmp_path / "applied"
+    shutil.copytree(tree, copy)
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "b"]):
+        subprocess.run(["git", *args], cwd=copy, check=True, capture_output=True)
+    (tmp_path / "p.patch").write_text(patch)
+    subprocess.run(["git", "apply", "--check", str(tmp_path / "p.patch")], cwd=copy, check=True)
+    subprocess.run(["git", "apply", str(tmp_path / "p.patch")], cwd=copy, check=True)
+    return copy

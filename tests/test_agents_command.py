@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -12,6 +11,8 @@ from lab.agents import AgentContext, make_agent
 from lab.agents.command import CommandAgent
 from lab.errors import LabError
 from lab.workspace import patch_paths
+
+from conftest import git_apply_in_copy
 
 CDOT = Path(__file__).parent / "harnesses" / "cdot"
 
@@ -25,17 +26,6 @@ def ctx(tmp_path):
         harness_name="cdot", harness_root=root, incumbent_tree=root, editable=("work.c",),
         program_md=(root / "program.md").read_text(), results_tsv="commit\tstatus\n", log_md="# log\n",
         recent_failures=[], run_dir=run_dir, scratch=run_dir / "agent" / "scratch")
-
-
-def git_apply_check(tree: Path, patch: str, tmp_path: Path) -> Path:
-    copy = tmp_path / "applied"
-    shutil.copytree(tree, copy)
-    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "b"]):
-        subprocess.run(["git", *args], cwd=copy, check=True, capture_output=True)
-    (tmp_path / "p.patch").write_text(patch)
-    subprocess.run(["git", "apply", "--check", str(tmp_path / "p.patch")], cwd=copy, check=True)
-    subprocess.run(["git", "apply", str(tmp_path / "p.patch")], cwd=copy, check=True)
-    return copy
 
 
 def script(tmp_path: Path, body: str) -> str:
@@ -57,7 +47,7 @@ def test_a_cli_that_edits_and_writes_a_hypothesis(ctx, tmp_path, monkeypatch):
     assert proposal.failure == ""
     assert proposal.hypothesis == "reassociate the sum"
     assert patch_paths(proposal.patch) == ["work.c"]
-    applied = git_apply_check(ctx.incumbent_tree, proposal.patch, tmp_path)
+    applied = git_apply_in_copy(ctx.incumbent_tree, proposal.patch, tmp_path)
     assert (applied / "work.c").read_text().endswith("/* two accumulators next */\n")
     assert (ctx.incumbent_tree / "work.c").read_text() == (CDOT / "work.c").read_text()
     seen = (ctx.scratch / "tree" / "seen-prompt.txt").read_text()

@@ -1,8 +1,6 @@
 """Replay and manual agents, the factory, and the diff every agent's proposal comes from."""
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,8 @@ from lab.agents.manual import ManualAgent
 from lab.agents.replay import ReplayAgent, load_replay
 from lab.agents.tools import diff_trees
 from lab.errors import LabError
+
+from conftest import git_apply_in_copy
 
 CDOT = Path(__file__).parent / "harnesses" / "cdot"
 
@@ -96,17 +96,6 @@ def test_unknown_specs_say_what_to_use():
         make_agent("replay:")
 
 
-def _git_apply(tree: Path, patch: str, tmp_path: Path) -> Path:
-    copy = tmp_path / "applied"
-    shutil.copytree(tree, copy)
-    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "b"]):
-        subprocess.run(["git", *args], cwd=copy, check=True, capture_output=True)
-    (tmp_path / "p.patch").write_text(patch)
-    subprocess.run(["git", "apply", "--check", str(tmp_path / "p.patch")], cwd=copy, check=True)
-    subprocess.run(["git", "apply", str(tmp_path / "p.patch")], cwd=copy, check=True)
-    return copy
-
-
 def test_diff_covers_edits_new_and_deleted_files_and_missing_newlines(tmp_path):
     before, after = tmp_path / "before", tmp_path / "after"
     for tree in (before, after):
@@ -123,7 +112,7 @@ def test_diff_covers_edits_new_and_deleted_files_and_missing_newlines(tmp_path):
     patch = diff_trees(before, after, ("src/**",), exclude=("HYPOTHESIS",))
     assert "harness.py" not in patch and "HYPOTHESIS" not in patch
     assert "new file mode" in patch and "deleted file mode" in patch and "\\ No newline at end of file" in patch
-    applied = _git_apply(before, patch, tmp_path)
+    applied = git_apply_in_copy(before, patch, tmp_path)
     for rel in ("src/a.c", "src/deep/new.c", "src/tail.c"):
         assert (applied / rel).read_text() == (after / rel).read_text()
     assert not (applied / "src" / "gone.c").exists()

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -92,28 +93,36 @@ def test_a_faster_candidate_is_kept_after_confirmation(cdot, cdot_repo):
     assert "volatile" not in (lab.folder.path / "incumbent" / "work.c").read_text()
 
 
+def kill_9_when_evaluating(cdot, cdot_repo, replay, evaluating: int, *extra) -> Path:
+    """Start `lab run` on cdot with the replay, SIGKILL it once `evaluating` evaluations have
+    started (none finished in between is the caller's to check): the run folder."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lab.cli", "run", str(cdot.root), *extra, "--agent", f"replay:{replay}",
+         "--budget", "10m", "--quiet", "--runs", str(cdot_repo / "runs")],
+        cwd=cdot_repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    run_dir = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((cdot_repo / "runs").glob("cdot-*/events.jsonl"))
+        if found:
+            run_dir = found[0].parent
+            if found[0].read_text().count('"type":"evaluating"') >= evaluating:
+                break
+        time.sleep(0.05)
+    assert run_dir is not None and proc.poll() is None, \
+        proc.communicate(timeout=5)[0] if proc.poll() is not None else "no run folder"
+    os.kill(proc.pid, signal.SIGKILL)  # the lab itself, mid-evaluation
+    proc.wait(10)
+    return run_dir
+
+
 def test_kill_9_mid_evaluation_then_resume(cdot, cdot_repo, tmp_path):
     replay = tmp_path / "replay.jsonl"
     replay.write_text("\n".join(json.dumps({"patch": sol(p), "hypothesis": h}) for p, h in [
         ("wrong/slower.patch", "volatile accumulator"),
         ("correct/two-accumulators.patch", "two chains"),
     ]) + "\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lab.cli", "run", str(cdot.root), "--agent", f"replay:{replay}",
-         "--budget", "10m", "--quiet", "--runs", str(cdot_repo / "runs")],
-        cwd=cdot_repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    run_dir = None
-    while time.monotonic() < deadline:
-        found = list((cdot_repo / "runs").glob("cdot-*/events.jsonl"))
-        if found:
-            run_dir = found[0].parent
-            if '"type":"evaluating"' in found[0].read_text():
-                break
-        time.sleep(0.05)
-    assert run_dir is not None, proc.communicate(timeout=5)[0] if proc.poll() is not None else "no run folder"
-    os.kill(proc.pid, signal.SIGKILL)  # the lab itself, mid-evaluation
-    proc.wait(10)
+    run_dir = kill_9_when_evaluating(cdot, cdot_repo, replay, evaluating=1)
 
     shown = lab_cli("log", str(run_dir))
     assert shown.returncode == 0, shown.stderr

@@ -3,9 +3,6 @@
 import difflib
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
@@ -20,7 +17,7 @@ from lab.store import RunFolder
 from lab.workspace import git
 
 from conftest import lab_cli
-from test_loop import OUTSIDE, ListAgent, sol
+from test_loop import OUTSIDE, ListAgent, kill_9_when_evaluating, sol
 
 # An incumbent with two independent slow halves: fixing either one is a KEEP, and the two
 # fixes touch lines far enough apart that each still applies after the other was kept.
@@ -208,24 +205,7 @@ def test_kill_9_of_a_parallel_run_then_resume_loses_nothing_and_runs_nothing_twi
         ("wrong/skip-half.patch", "skip half"),
         ("correct/two-accumulators.patch", "two chains"),
     ]) + "\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lab.cli", "run", str(cdot.root), "--gpus", "0,1", "--agent", f"replay:{replay}",
-         "--budget", "10m", "--quiet", "--runs", str(cdot_repo / "runs")],
-        cwd=cdot_repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    run_dir = None
-    while time.monotonic() < deadline:
-        found = list((cdot_repo / "runs").glob("cdot-*/events.jsonl"))
-        if found:
-            run_dir = found[0].parent
-            if found[0].read_text().count('"type":"evaluating"') >= 2:
-                break
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    assert run_dir is not None and proc.poll() is None, proc.communicate(timeout=5)[0] if proc.poll() is not None else ""
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
+    run_dir = kill_9_when_evaluating(cdot, cdot_repo, replay, 2, "--gpus", "0,1")
     folder = RunFolder.open(run_dir)
     from lab.loop import RunState
 

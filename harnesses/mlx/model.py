@@ -18,7 +18,6 @@ Nothing here imports mlx at module level: the runner resolves the model without 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from lab.errors import EnvironmentUnavailable
+from lab.harness import sha256_file
+from lab.store import file_lock
 
 DEFAULT_REPO = "mlx-community/Qwen2.5-0.5B-Instruct-4bit"
 TINY = "tiny"
@@ -153,18 +154,10 @@ def _download(repo: str) -> Path:
 
 
 def _describe(folder: Path, name: str) -> ModelInfo:
-    files = {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*"))
+    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
              if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
     digest = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in files.items()).encode()).hexdigest()
     return ModelInfo(name=name, path=str(folder), sha256=digest, files=files)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- the corpus --------------------------------------------------------------------------------
@@ -178,7 +171,7 @@ def corpus_ids(info: ModelInfo) -> list[int]:
 
 # --- the offline tiny model ----------------------------------------------------------------------
 def tiny_name() -> str:
-    spec = json.dumps(TINY_SPEC, sort_keys=True) + _sha256(CORPUS)
+    spec = json.dumps(TINY_SPEC, sort_keys=True) + sha256_file(CORPUS)
     return "tiny-llama-" + hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
@@ -189,8 +182,7 @@ def tiny_model(cache: Path) -> Path:
     if (folder / "config.json").is_file():
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{folder.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(root / f".{folder.name}.lock"):
         if not (folder / "config.json").is_file():
             scratch = root / f".{folder.name}.partial"
             shutil.rmtree(scratch, ignore_errors=True)
