@@ -39,8 +39,11 @@ def git(cwd, *args):
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test session builds into its own cache, never the user's."""
-    monkeypatch.setenv("LAB_CACHE", str(tmp_path_factory.getbasetemp() / "lab-cache"))
+    """Every test session builds into its own cache, never the user's. LAB_TEST_CACHE=DIR names
+    one that sessions share instead: on the GPU machine, which has no ccache, a CUDA build of
+    llama.cpp made ahead of the tests is then reused rather than redone in every session."""
+    shared = os.environ.get("LAB_TEST_CACHE")
+    monkeypatch.setenv("LAB_CACHE", shared or str(tmp_path_factory.getbasetemp() / "lab-cache"))
 
 
 @pytest.fixture

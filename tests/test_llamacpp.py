@@ -315,16 +315,23 @@ def test_touched_cuda_ops(lc):
     assert o.touched_cuda_ops(["ggml/src/ggml-cpu/ops.cpp"]) == ()
 
 
-@pytest.mark.parametrize("mul_mat_line,passed", [("1021/1021 tests passed", True), ("1020/1021 tests passed", False)])
+@pytest.mark.parametrize("mul_mat_line,passed", [("1021/1021 tests passed", True), ("1020/1021 tests passed", False),
+                                                  ("0/0 tests passed", False)])  # a filter that matched nothing
 def test_cuda_op_check_reads_test_backend_ops(lc, tmp_path, mul_mat_line, passed):
     o = lc["oracle"]
     script = tmp_path / "test-backend-ops"
-    script.write_text(f"#!/bin/sh\nif [ \"$5\" = MUL_MAT ]; then echo '  {mul_mat_line}'; else echo '  7/7 tests passed'; fi\n")
+    # argv: test -b CUDA0 -j N -o OP [-p FILTER]; the arguments are logged for the assertions below
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/argv\n"
+                      f"if [ \"$7\" = MUL_MAT ]; then echo '  {mul_mat_line}'; else echo '  7/7 tests passed'; fi\n")
     script.chmod(0o755)
+    model = write_gguf(tmp_path / "m.gguf", {"w": np.zeros((2, 8), np.float32)}, {"general.architecture": "x"})
     lines = []
-    item = o._cuda_ops(o.Tools(tmp_path, tmp_path / "m.gguf", "cuda"), ("MUL_MAT", "RMS_NORM"), lines)
-    assert item.passed is passed and (passed or "MUL_MAT: 1020/1021" in item.detail)
+    item = o._cuda_ops(o.Tools(tmp_path, model, "cuda"), ("MUL_MAT", "RMS_NORM"), lines)
+    assert item.passed is passed and (passed or f"MUL_MAT: {mul_mat_line.split()[0]} tests passed" in item.detail)
     assert lines and "CUDA ops" in lines[0]
+    # MUL_MAT's cases are cut to the model's weight types (here f32) and the f16/f32 ones
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv[0].endswith("-o MUL_MAT -p type_a=(f16|f32),") and argv[1].endswith("-o RMS_NORM")
 
 
 def test_a_locked_file_changed_in_the_working_tree_is_noticed(lc, tmp_path):

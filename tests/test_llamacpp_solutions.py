@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -31,7 +32,17 @@ EXPECTED = json.loads((SOLUTIONS / "expected.json").read_text())
 FAILED_CHECKS = {
     "wrong/gelu_quick.patch": {"greedy_tokens", "prompt_logits", "perplexity"},  # wrong math everywhere
     "wrong/skip_decode_rows.patch": {"greedy_tokens"},  # only the one-token (decode) path skips work
+    # CUDA (H200, 2026-12-01): the wrong GEGLU failed greedy tokens, logits and perplexity while
+    # test-backend-ops, asked for "GLU", matched no test; it is asked for "GEGLU" since and must
+    # fail too (not yet re-run on a GPU). Skipped rows fail test-backend-ops and the decode only.
+    "cuda/wrong/geglu_quick.patch": {"greedy_tokens", "prompt_logits", "perplexity", "cuda_ops"},
+    "cuda/wrong/skip_decode_blocks.patch": {"cuda_ops", "greedy_tokens"},
 }
+BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+# A patch runs on the backend whose sources it edits; the guard's verdict needs no build.
+SOLUTION_CASES = [pytest.param("cuda" if rel.startswith("cuda/") else "cpu", rel, id=rel,
+                               marks=[pytest.mark.gpu] if rel.startswith("cuda/") else [])
+                  for rel in sorted(EXPECTED)]
 
 pytestmark = pytest.mark.slow
 
@@ -42,16 +53,21 @@ def _unavailable(reason: str):
     pytest.skip(reason)
 
 
-@pytest.fixture
-def llamacpp():
+def _harness(backend: str, monkeypatch):
+    monkeypatch.setenv("LAB_LLAMACPP_BACKEND", backend)
     h = load(HARNESS)
-    if h.backend != "cpu":
-        pytest.skip("these tests time and check the CPU backend; set LAB_LLAMACPP_BACKEND=cpu")
     try:
         h.preflight()  # tools, the pinned source (PyPI) and the model, or the reason why not
     except EnvironmentUnavailable as exc:
+        if backend == "cuda":
+            pytest.skip(f"the CUDA backend is not available here: {exc}")
         _unavailable(str(exc))
     return h
+
+
+@pytest.fixture(params=BACKENDS)
+def llamacpp(request, monkeypatch):
+    return _harness(request.param, monkeypatch)
 
 
 def _tree(h, tmp_path: Path, patch: str | None = None) -> Path:
@@ -72,29 +88,35 @@ def test_pristine_tree_passes_its_own_oracle(llamacpp, tmp_path):
     out = _check(llamacpp, tmp_path)
     assert out.verdict.status == "PASS", (out.verdict, out.stderr_tail)
     check = out.evaluation.check
-    assert {i.name for i in check.items} == {"greedy_tokens", "prompt_logits", "perplexity"}
+    cuda = llamacpp.backend == "cuda"
+    assert {i.name for i in check.items} == {"greedy_tokens", "prompt_logits", "perplexity"} | (
+        {"cuda_ops"} if cuda else set())
     assert any(line.startswith("greedy tokens: 3/3 prompts identical") for line in check.lines)
     assert any("NMSE 0 " in line for line in check.lines)
     assert set(check.output_hashes) == {"completion:france", "completion:secret0", "completion:secret1"}
     build = out.evaluation.candidate_build
     assert build.ok and build.info["llama_cpp_commit"] == "0c1e57098" and build.artifact_sha256
+    assert build.info["backend"] == llamacpp.backend and (build.info["cuda_arch"] != "") == cuda
 
 
-@pytest.mark.parametrize("patch", sorted(EXPECTED))
-def test_solution_verdicts_through_the_real_oracle(llamacpp, tmp_path, patch):
+@pytest.mark.parametrize("backend, patch", SOLUTION_CASES)
+def test_solution_verdicts_through_the_real_oracle(backend, patch, tmp_path, monkeypatch):
     expected = EXPECTED[patch]
     text = (SOLUTIONS / patch).read_text()
     if expected == "REJECTED":
         with pytest.raises(PatchRejected, match="outside the editable surface"):
-            guard_patch(text, llamacpp)
+            guard_patch(text, load(HARNESS))
         return
+    llamacpp = _harness(backend, monkeypatch)
     guard_patch(text, llamacpp)
     out = _check(llamacpp, tmp_path, patch)
     want = "PASS" if expected == "pass" else expected
     assert out.verdict.status == want, (out.verdict, out.stderr_tail)
+    failed = {i.name for i in out.evaluation.check.items if not i.passed}
+    print(f"{patch}: failed checks {sorted(failed)}; " + " | ".join(out.evaluation.check.lines))
     if patch in FAILED_CHECKS:
-        failed = {i.name for i in out.evaluation.check.items if not i.passed}
-        assert failed == FAILED_CHECKS[patch], out.evaluation.check.lines
+        must = FAILED_CHECKS[patch]
+        assert (failed == must) if backend == "cpu" else (must <= failed), out.evaluation.check.lines
 
 
 def test_a_compile_error_is_a_fail_with_the_compiler_message(llamacpp, tmp_path):
@@ -125,6 +147,11 @@ def test_a_a_timing_gives_sane_samples(llamacpp, tmp_path):
 
 def test_profile_digest(llamacpp):
     digest = llamacpp.profile(llamacpp.baseline())
+    print(digest)
+    if llamacpp.backend == "cuda":
+        assert re.search(r"GPU idle between kernels: \d+% of the generation", digest), digest
+        assert "MUL_MAT:" in digest and "us/run" in digest
+        return
     if "not installed" in digest:
         pytest.skip(digest)
     assert "MUL_MAT weights" in digest and "top 12 symbols" in digest

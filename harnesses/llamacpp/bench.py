@@ -84,7 +84,7 @@ def _number(value) -> float | None:
     return None
 
 
-def _samples_ns(row: dict) -> list[float] | None:
+def samples_ns(row: dict) -> list[float] | None:
     raw = row.get("samples_ns")
     if isinstance(raw, str):  # some versions print the list as a string
         try:
@@ -120,7 +120,7 @@ def tg_result(text: str, *, wall_seconds: float, min_seconds: float = 0.0,
         same = (_number(got) == _number(want)) if _number(want) is not None else str(got) == str(want)
         if name in row and not same:
             return f"llama-bench reported {name}={got!r}, the harness asked for {want!r}"
-    samples = _samples_ns(row)
+    samples = samples_ns(row)
     if samples is not None:
         if len(samples) != REPETITIONS:
             return f"llama-bench reported {len(samples)} repetitions, the harness asked for {REPETITIONS}"

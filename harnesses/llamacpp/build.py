@@ -55,7 +55,13 @@ class Flavor:
         if self.backend == "cuda":
             args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_arch}", "-DGGML_NATIVE=OFF"]
         else:
-            args += ["-DGGML_NATIVE=ON"]  # the timing machine's own ISA (AVX-512 where it has it)
+            # The timing machine's own ISA (AVX-512 where it has it), but no AMX: ggml's AMX
+            # matmuls (compiled in when -march=native defines __AMX_INT8__) died with SIGILL on
+            # `tilezero` on a Xeon VM that advertises AMX and grants its permission (2026-12-01),
+            # and they would time another decode path than every machine without AMX. Undefining
+            # the macros (after GCC predefines them) compiles that code out.
+            no_amx = " ".join(f"-U__{m}__" for m in ("AMX_TILE", "AMX_INT8", "AMX_BF16"))
+            args += ["-DGGML_NATIVE=ON", f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
         return args
 
 
@@ -73,7 +79,9 @@ def cuda_arch() -> str:
 
 
 def missing_tools(flavor: Flavor) -> list[str]:
-    need = ["cmake", "ninja", "ccache", "git", "c++", "cc"] + (["nvcc"] if flavor.backend == "cuda" else [])
+    """Tools without which nothing builds. ccache is not among them: without it a build is still
+    right, only a switch back to a source seen before recompiles (the GPU machine's image has none)."""
+    need = ["cmake", "ninja", "git", "c++", "cc"] + (["nvcc"] if flavor.backend == "cuda" else [])
     return [t for t in need if shutil.which(t) is None]
 
 
@@ -203,6 +211,7 @@ def build(staged: Path, out: Path, *, home: Path, flavor: Flavor, is_editable, r
     info = {"backend": flavor.backend, "cuda_arch": flavor.cuda_arch, "llama_cpp_commit": source.COMMIT,
             "tree_hash": source.TREE_HASH, "cmake_args": " ".join(flavor.cmake_args()),
             "changed_files": edited, "files_rewritten": len(changed), "objects_compiled": compiled,
+            "ccache": shutil.which("ccache") is not None,
             "tools": {t: sha256_file(bindir / t) for t in flavor.tools}}
     return Build(ok=True, source_hash="", artifact=str(bindir), artifact_sha256=tree_hash(bindir, list(flavor.tools)),
                  report="\n".join(l for l in text.splitlines() if "warning" in l)[-4000:],

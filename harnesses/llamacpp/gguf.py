@@ -20,6 +20,13 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 # ggml tensor types this reader can hand out as arrays
 _DTYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64, 28: np.float64}
 
+# ggml tensor type ids -> the names ggml prints (test-backend-ops' "type_a=q4_K")
+TYPE_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 9: "q8_1", 10: "q2_K",
+              11: "q3_K", 12: "q4_K", 13: "q5_K", 14: "q6_K", 15: "q8_K", 16: "iq2_xxs", 17: "iq2_xs",
+              18: "iq3_xxs", 19: "iq1_s", 20: "iq4_nl", 21: "iq3_s", 22: "iq2_s", 23: "iq4_xs", 24: "i8",
+              25: "i16", 26: "i32", 27: "i64", 28: "f64", 29: "iq1_m", 30: "bf16", 34: "tq1_0", 35: "tq2_0",
+              39: "mxfp4"}
+
 
 class NotGGUF(ValueError):
     """The file is not a GGUF model (wrong magic, unknown version, truncated or malformed)."""
@@ -40,6 +47,10 @@ class GGUFFile:
     metadata: dict = field(default_factory=dict)
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     data_offset: int = 0
+
+    def type_names(self) -> list[str]:
+        """The ggml types of the model's tensors, by name, sorted."""
+        return sorted({TYPE_NAMES.get(t.ggml_type, str(t.ggml_type)) for t in self.tensors.values()})
 
     def array(self, name: str) -> np.ndarray:
         """A tensor of a plain type as a numpy array (memory-mapped, row-major ggml order)."""

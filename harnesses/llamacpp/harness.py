@@ -168,7 +168,7 @@ class LlamaCpp(Harness):
     # --- profile (never feeds a verdict) -------------------------------------------------------
     def profile(self, build: Build) -> str:
         if self.backend == "cuda":
-            return cuda_digest(Path(build.artifact))
+            return cuda_digest(Path(build.artifact), self.model().path)
         cpus = sorted(os.sched_getaffinity(0))
         return cpu_digest(Path(build.artifact), self.model().path, len(cpus), bench.cpu_mask(cpus))
 

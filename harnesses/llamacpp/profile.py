@@ -5,7 +5,9 @@ run of three tg128 repetitions; the symbols are grouped into what they are in a 
 (the quantised dot product of each weight type is a MUL_MAT, ggml_compute_forward_X is op X,
 libgomp is the threads waiting at the graph's barriers). Load and warm-up are in the samples
 too and are shown as such, not hidden. Where perf is missing the digest says so.
-CUDA: `test-backend-ops perf` for the ops of a decode step (GPU time per op shape).
+CUDA: the share of the generation during which no kernel runs (seed 000 found the GPU idle 38% of
+each token, waiting for the host), read from NVML's utilization counter while llama-bench
+generates, then `test-backend-ops perf` for the ops of a decode step (GPU time per op shape).
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
 from . import bench
-from .oracle import clean_env
+from .oracle import DECODE_OPS, backend_ops_args, clean_env
 
-DECODE_OPS = ("MUL_MAT", "FLASH_ATTN_EXT", "RMS_NORM", "GLU", "ROPE", "GET_ROWS", "SET_ROWS", "ADD", "MUL", "SCALE")
+IDLE_N_GEN, IDLE_REPS = 1024, 3  # ~5 s of generation on an H200: many NVML readings
+NVML_POLL_S = 0.02
+PERF_OP_TIMEOUT_S = 60.0  # the digest must stay a few minutes at most
 _GROUPS = [
     (re.compile(r"^ggml_(?:vec_dot|gemv|gemm)_(\w+?)_q8"), lambda m: f"MUL_MAT weights {m.group(1)}"),
     (re.compile(r"^ggml_compute_forward_(\w+?)(?:_f32|_f16|_one_chunk|\.isra.*|\.part.*)*$"),
@@ -79,12 +85,68 @@ def cpu_digest(bindir: Path, model: Path, threads: int, cpu_mask: str, top: int 
     return "\n".join(lines)
 
 
-def cuda_digest(bindir: Path) -> str:
-    out = []
+def gpu_busy(bindir: Path, model: Path, gpu_index: int = 0) -> str:
+    """One line: the share of llama-bench's generation during which a kernel ran, per NVML.
+
+    NVML's utilization is the share of its last sample period (1/6 s to 1 s by GPU) in which any
+    kernel ran; it is read every 20 ms while llama-bench generates IDLE_N_GEN tokens IDLE_REPS
+    times, and only readings inside the generation (the last sum(samples_ns) before the process
+    ended, less one sample period at its start) are averaged. Coarse, but it needs no profiler."""
+    from lab.system.telemetry import device_handle, open_nvml, read
+
+    nvml = open_nvml()
+    handle = device_handle(nvml, gpu_index) if nvml is not None else None
+    if handle is None:
+        return "GPU idle between kernels: no NVML here"
+    cmd = [str(bindir / "llama-bench"), "-m", str(model), "-p", "0", "-n", str(IDLE_N_GEN), "-r", str(IDLE_REPS),
+           "-o", "jsonl", "-fa", "1", "-ngl", "99"]
+    readings: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            rates = read(nvml, "nvmlDeviceGetUtilizationRates", handle)
+            if rates is not None:
+                readings.append((time.monotonic(), float(rates.gpu)))
+            time.sleep(NVML_POLL_S)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=600)
+    finally:
+        ended = time.monotonic()
+        done.set()
+        poller.join()
+    row = next((r for r in bench.parse_rows(proc.stdout) if r.get("n_gen")), None)
+    samples = bench.samples_ns(row) if row else None
+    if proc.returncode != 0 or not samples:
+        return f"GPU idle between kernels: llama-bench gave no generation row (exit {proc.returncode})"
+    generating = sum(samples) / 1e9
+    inside = [u for t, u in readings if ended - generating + 0.2 <= t <= ended - 0.05]
+    if not inside:
+        return "GPU idle between kernels: no NVML reading fell inside the generation"
+    busy = sum(inside) / len(inside)
+    per_token_ms = 1e3 * generating / (IDLE_N_GEN * len(samples))
+    return (f"GPU idle between kernels: {100 - busy:.0f}% of the generation (NVML utilization {busy:.0f}%, "
+            f"{len(inside)} readings over {generating:.1f} s; tg{IDLE_N_GEN} x {len(samples)}, "
+            f"{per_token_ms:.2f} ms per token). Idle time is the host between kernels and tokens "
+            "(sampling, graph set-up, launches), not memory stalls.")
+
+
+def cuda_digest(bindir: Path, model: Path) -> str:
+    out = [gpu_busy(bindir, model)]
     for op in DECODE_OPS:
-        proc = subprocess.run([str(bindir / "test-backend-ops"), "perf", "-b", "CUDA0", "-o", op],
-                              capture_output=True, text=True, env=clean_env(), timeout=600)
+        args = backend_ops_args(op, model)
+        if op == "MUL_MAT":  # decode multiplies one column: n=1
+            args[-1] += r".*\bn=1,"
+        try:
+            proc = subprocess.run([str(bindir / "test-backend-ops"), "perf", "-b", "CUDA0", *args],
+                                  capture_output=True, text=True, env=clean_env(), timeout=PERF_OP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            out.append(f"{op}: test-backend-ops perf ran past {PERF_OP_TIMEOUT_S:.0f} s; left out")
+            continue
         rows = [l.strip() for l in proc.stdout.splitlines() if "us/run" in l]
         out.append(f"{op}: " + (f"{len(rows)} shapes" if rows else "no rows"))
         out += [f"  {r}" for r in rows[:8]]
-    return "profile: test-backend-ops perf on CUDA0 (GPU time per op and shape)\n" + "\n".join(out)
+    return "profile: CUDA0, NVML utilization and test-backend-ops perf (GPU time per op and shape)\n" + "\n".join(out)

