@@ -6,6 +6,8 @@
 #
 #   GPUS=0   bash harnesses/wavegru/scaling_check.sh     # one GPU
 #   GPUS=0,1 bash harnesses/wavegru/scaling_check.sh     # two
+#   DELTA=0.01 GPUS=0,1 bash ...                          # a fixed delta (the same for both runs,
+#                                                         # so that pairs per evaluation compare)
 #
 # Run from the repository root. AA and SLOW set the replay's size; BUDGET the run's budget.
 set -uo pipefail
@@ -21,7 +23,7 @@ python3 scripts/aa_replay.py harnesses/wavegru --aa "${AA:-15}" --slow "${SLOW:-
     --slower harnesses/wavegru/solutions/measure/slower_3pct.patch -o "$runs/replay.jsonl"
 start=$(date +%s)
 timeout "${LIMIT:-560}" python3 -m lab.cli run wavegru --gpus "$GPUS" --agent "replay:$runs/replay.jsonl" \
-    --budget "${BUDGET:-9m}" --quiet --runs "$runs" 2>&1 | tee "$OUT/$tag/stdout.log"
+    --budget "${BUDGET:-9m}" ${DELTA:+--delta "$DELTA"} --quiet --runs "$runs" 2>&1 | tee "$OUT/$tag/stdout.log"
 echo "lab run exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/$tag/stdout.log"
 for run in "$runs"/wavegru-*; do
     cp "$run"/{events.jsonl,log.md,results.tsv,run.json} "$OUT/$tag/" 2>/dev/null
