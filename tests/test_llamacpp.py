@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 from pathlib import Path
@@ -16,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lab.errors import PatchRejected
+from lab.errors import EnvironmentUnavailable, PatchRejected
 from lab.harness import load
 from lab.workspace import guard_patch
+
+from conftest import git
 
 HARNESS = Path(__file__).resolve().parent.parent / "harnesses" / "llamacpp"
 SOLUTIONS = HARNESS / "solutions"
@@ -346,3 +349,70 @@ def test_a_locked_file_changed_in_the_working_tree_is_noticed(lc, tmp_path):
     assert b._locked_manifest(tmp_path, h.is_editable) == before
     (tmp_path / "tools/bench.cpp").write_text("int t_ns_halved;\n")
     assert b._locked_manifest(tmp_path, h.is_editable) != before
+
+
+# --- the source: a clone at the pinned commit, else the sdist ------------------------------------
+def _upstream(tmp_path: Path) -> tuple[Path, str, str]:
+    """A tiny git repository standing in for llama.cpp: (path, commit, tree hash)."""
+    up = tmp_path / "upstream"
+    (up / "ggml").mkdir(parents=True)
+    (up / "ggml" / "a.c").write_text("int a;\n")
+    git(up, "init", "-q", "-b", "master", ".")
+    git(up, "add", "-A")
+    git(up, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    return up, git(up, "rev-parse", "HEAD").strip(), git(up, "rev-parse", "HEAD^{tree}").strip()
+
+
+def test_clone_tree_takes_the_pinned_commit_and_checks_its_tree(lc, tmp_path):
+    s = lc["source"]
+    up, commit, tree = _upstream(tmp_path)
+    s.clone_tree(str(up), commit[:9], tree, tmp_path / "ok")
+    assert (tmp_path / "ok" / "ggml" / "a.c").read_text() == "int a;\n"
+    with pytest.raises(EnvironmentUnavailable, match=f"has the tree {tree}, not the pinned 0000"):
+        s.clone_tree(str(up), commit, "0000", tmp_path / "other")
+    with pytest.raises(EnvironmentUnavailable, match="git clone .* failed"):
+        s.clone_tree(str(tmp_path / "nowhere"), commit, tree, tmp_path / "none")
+    with pytest.raises(EnvironmentUnavailable, match="does not answer"):  # port 9 (discard): nothing listens
+        s.clone_tree("http://127.0.0.1:9/llama.cpp", commit, tree, tmp_path / "net")
+
+
+@pytest.mark.parametrize("how", ["auto", "git", "sdist"])
+def test_prepare_tree_clones_or_falls_back_to_the_sdist(lc, tmp_path, monkeypatch, how):
+    """auto: the clone when its tree is the pinned one, else the sdist; git: the clone or an error."""
+    s = lc["source"]
+    up, commit, tree = _upstream(tmp_path)
+    monkeypatch.setattr(s, "COMMIT", commit[:9])
+    monkeypatch.setattr(s, "TREE_HASH", tree)
+    monkeypatch.setenv("LAB_LLAMACPP_SOURCE", how)
+    unpacked = []
+
+    def fake_sdist(sdist, dest):  # the sdist's tree is the same bytes
+        unpacked.append(sdist)
+        shutil.copytree(up, dest, dirs_exist_ok=True)
+
+    monkeypatch.setattr(s, "fetch_sdist", lambda home: home / "sdist.tar.gz")
+    monkeypatch.setattr(s, "_unpack_sdist", fake_sdist)
+    monkeypatch.setenv("LAB_LLAMACPP_GIT_URL", str(up))
+    repo = s.prepare_tree(tmp_path / "home")
+    assert s._has_tree(repo) and bool(unpacked) == (how == "sdist")
+    assert s.origin(tmp_path / "home").startswith("git" if how != "sdist" else "sdist")
+
+    # a clone whose tree is not the pinned one: auto falls back and says why, git refuses
+    other = tmp_path / "home2"
+    monkeypatch.setattr(s, "TREE_HASH", "1" * 40)
+    monkeypatch.setattr(s, "_has_tree", lambda r: (r / "ggml").is_dir())
+    if how == "git":
+        with pytest.raises(EnvironmentUnavailable, match="not the pinned 1111"):
+            s.prepare_tree(other)
+        return
+    s.prepare_tree(other)
+    record = json.loads((other / "tree" / f"{commit[:9]}.origin.json").read_text())
+    assert record["source"].startswith("sdist")
+    if how == "auto":
+        assert "not the pinned 1111" in record["git_failed"]
+
+
+def test_an_unknown_source_setting_is_refused(lc, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAB_LLAMACPP_SOURCE", "svn")
+    with pytest.raises(EnvironmentUnavailable, match="LAB_LLAMACPP_SOURCE='svn': use one of auto, git, sdist"):
+        lc["source"].prepare_tree(tmp_path)

@@ -211,7 +211,7 @@ def build(staged: Path, out: Path, *, home: Path, flavor: Flavor, is_editable, r
     info = {"backend": flavor.backend, "cuda_arch": flavor.cuda_arch, "llama_cpp_commit": source.COMMIT,
             "tree_hash": source.TREE_HASH, "cmake_args": " ".join(flavor.cmake_args()),
             "changed_files": edited, "files_rewritten": len(changed), "objects_compiled": compiled,
-            "ccache": shutil.which("ccache") is not None,
+            "ccache": shutil.which("ccache") is not None, "source_origin": source.origin(home),
             "tools": {t: sha256_file(bindir / t) for t in flavor.tools}}
     return Build(ok=True, source_hash="", artifact=str(bindir), artifact_sha256=tree_hash(bindir, list(flavor.tools)),
                  report="\n".join(l for l in text.splitlines() if "warning" in l)[-4000:],

