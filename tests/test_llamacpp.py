@@ -416,3 +416,34 @@ def test_an_unknown_source_setting_is_refused(lc, tmp_path, monkeypatch):
     monkeypatch.setenv("LAB_LLAMACPP_SOURCE", "svn")
     with pytest.raises(EnvironmentUnavailable, match="LAB_LLAMACPP_SOURCE='svn': use one of auto, git, sdist"):
         lc["source"].prepare_tree(tmp_path)
+
+
+def test_gpu_idle_share_averages_the_readings_inside_the_generation(lc, tmp_path, monkeypatch):
+    """NVML says 60% busy while a (fake) llama-bench generates for 1 s: 40% idle."""
+    import importlib
+
+    import lab.system.telemetry as telemetry
+
+    profile = importlib.import_module(lc["oracle"].__name__.rsplit(".", 1)[0] + ".profile")
+    bench = tmp_path / "llama-bench"
+    bench.write_text("#!/bin/sh\nsleep 1.2\n"
+                     "echo '{\"n_prompt\": 0, \"n_gen\": 1024, \"samples_ns\": [500000000, 500000000]}'\n")
+    bench.chmod(0o755)
+
+    class FakeNVML:
+        class NVMLError(Exception):
+            pass
+
+        def nvmlDeviceGetHandleByIndex(self, index):
+            return f"gpu{index}"
+
+        def nvmlDeviceGetUtilizationRates(self, handle):
+            return type("Rates", (), {"gpu": 60})()
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(telemetry, "open_nvml", lambda: FakeNVML())
+    line = profile.gpu_busy(tmp_path, tmp_path / "m.gguf")
+    assert line.startswith("GPU idle between kernels: 40% of the generation (NVML utilization 60%"), line
+    assert "tg1024 x 2, 0.49 ms per token" in line
+    monkeypatch.setattr(telemetry, "open_nvml", lambda: None)
+    assert profile.gpu_busy(tmp_path, tmp_path / "m.gguf") == "GPU idle between kernels: no NVML here"

@@ -91,7 +91,7 @@ def gpu_busy(bindir: Path, model: Path, gpu_index: int = 0) -> str:
     NVML's utilization is the share of its last sample period (1/6 s to 1 s by GPU) in which any
     kernel ran; it is read every 20 ms while llama-bench generates IDLE_N_GEN tokens IDLE_REPS
     times, and only readings inside the generation (the last sum(samples_ns) before the process
-    ended, less one sample period at its start) are averaged. Coarse, but it needs no profiler."""
+    ended, less its first 0.2 s) are averaged. Coarse, but it needs no profiler."""
     from lab.system.telemetry import device_handle, open_nvml, read
 
     nvml = open_nvml()
