@@ -9,7 +9,9 @@ process, parsing its JSONL and cross-checking it with its own wall clock (bench.
 code never runs in the harness's process. Notes for the agent: program.md.
 
 Environment: LAB_LLAMACPP_MODEL=PATH picks another GGUF model; LAB_LLAMACPP_BACKEND=cpu|cuda
-overrides the backend (default: cuda when nvidia-smi sees a GPU and nvcc is there, else cpu).
+overrides the backend (default: cuda when nvidia-smi sees a GPU and nvcc is there, else cpu);
+LAB_LLAMACPP_SOURCE=auto|git|sdist and LAB_LLAMACPP_GIT_URL choose where the pinned tree comes
+from (source.py).
 """
 
 from __future__ import annotations
