@@ -160,6 +160,12 @@ def check_bundle(data: dict, harness: Harness) -> None:
             f"the local harness '{harness.name}' differs from the bundle's in its locked files: "
             + ", ".join(differ[:6]) + ("..." if len(differ) > 6 else "")
             + "; check out the harness at the bundle's commit " + data.get("base_commit", "")[:12])
+    recorded = (data.get("fingerprint") or {}).get("model")
+    now = harness.model_identity()
+    if (recorded or {}).get("sha256") != (now or {}).get("sha256"):
+        raise BundleError(f"the bundle was measured on the model {recorded['name']} (sha256 {recorded['sha256']}): "
+                          "give that file with --model PATH" if recorded else
+                          "the bundle was measured on the harness's own model: leave --model out")
     try:
         guard_patch(data["patch"], harness)
     except PatchRejected as exc:

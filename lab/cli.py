@@ -17,6 +17,9 @@ ENV_OPTION = click.option("--env", "env_name", type=click.Choice(["native", "doc
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 RUNS_OPTION = click.option("--runs", "runs_dir", type=click.Path(file_okay=False, path_type=Path),
                            default=Path("runs"), show_default=True, help="folder of run folders")
+MODEL_OPTION = click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                            help="the workload's model file, for a harness that runs one (llamacpp: a GGUF); "
+                                 "default: the harness's own")
 
 
 def _console():
@@ -84,14 +87,14 @@ def lock(harness):
 
 
 # --- single evaluations ---------------------------------------------------------------------
-def _one_evaluation(harness_name, src, against, env_name, mode, runs_dir, delta=None):
+def _one_evaluation(harness_name, src, against, env_name, mode, runs_dir, delta=None, model_path=None):
     from . import stats
     from .envs import get
     from .evaluate import run_evaluation
     from .harness import load
     from .store import new_run_id
 
-    harness = load(harness_name)
+    harness = load(harness_name, model=model_path)
     harness.preflight()
     env = get(env_name, harness)
     env.preflight()
@@ -132,12 +135,13 @@ def _report(harness, outcome, as_json) -> None:
 @cli.command()
 @click.argument("harness")
 @click.option("--src", type=click.Path(exists=True, file_okay=False), help="tree to check (default: the harness's own)")
+@MODEL_OPTION
 @ENV_OPTION
 @RUNS_OPTION
 @JSON_OPTION
-def check(harness, src, env_name, runs_dir, as_json):
+def check(harness, src, model_path, env_name, runs_dir, as_json):
     """Build a tree of HARNESS and run its oracle; print and record the verdict."""
-    h, outcome = _one_evaluation(harness, src, None, env_name, "check", runs_dir)
+    h, outcome = _one_evaluation(harness, src, None, env_name, "check", runs_dir, model_path=model_path)
     _report(h, outcome, as_json)
     sys.exit(0 if outcome.verdict.status == "PASS" else 1)
 
@@ -149,20 +153,21 @@ def check(harness, src, env_name, runs_dir, as_json):
 @click.option("--delta", type=float, help="decision threshold as a fraction (default 0.005)")
 @click.option("--against-record", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="an earlier record to report beside this one; refused if it came from another machine or software")
+@MODEL_OPTION
 @ENV_OPTION
 @RUNS_OPTION
 @JSON_OPTION
-def bench(harness, src, against, delta, against_record, env_name, runs_dir, as_json):
+def bench(harness, src, against, delta, against_record, model_path, env_name, runs_dir, as_json):
     """One paired evaluation: candidate (--src) against incumbent (--against)."""
-    earlier = _comparable_record(harness, against_record, env_name) if against_record else None
-    h, outcome = _one_evaluation(harness, src, against, env_name, "evaluate", runs_dir, delta)
+    earlier = _comparable_record(harness, against_record, env_name, model_path) if against_record else None
+    h, outcome = _one_evaluation(harness, src, against, env_name, "evaluate", runs_dir, delta, model_path)
     _report(h, outcome, as_json)
     if earlier is not None and not as_json:
         v = earlier.get("verdict") or {}
         click.echo(f"earlier record {against_record}: {v.get('status', earlier.get('status', '?'))}")
 
 
-def _comparable_record(harness_name, path: Path, env_name) -> dict:
+def _comparable_record(harness_name, path: Path, env_name, model_path=None) -> dict:
     """Refuse to set results side by side when their fingerprints differ, naming the fields."""
     from .envs import get
     from .errors import FingerprintMismatch
@@ -170,8 +175,11 @@ def _comparable_record(harness_name, path: Path, env_name) -> dict:
     from .system.fingerprint import collect, differences
 
     data = json.loads(path.read_text())
-    h = load(harness_name)
-    now = collect(extra={"harness_lock": h.lock_digest(), "environment": get(env_name, h).reference()})
+    h = load(harness_name, model=model_path)
+    extra = {"harness_lock": h.lock_digest(), "environment": get(env_name, h).reference()}
+    if h.model_path is not None:
+        extra["model"] = h.model_identity()
+    now = collect(extra=extra)
     differ = differences(data.get("fingerprint") or {}, now)
     if differ:
         raise FingerprintMismatch(
@@ -183,10 +191,11 @@ def _comparable_record(harness_name, path: Path, env_name) -> dict:
 @cli.command()
 @click.argument("harness")
 @click.option("--pairs", type=int, default=0, help="at least this many pairs (default: the harness's)")
+@MODEL_OPTION
 @ENV_OPTION
 @RUNS_OPTION
 @JSON_OPTION
-def noise(harness, pairs, env_name, runs_dir, as_json):
+def noise(harness, pairs, model_path, env_name, runs_dir, as_json):
     """Measure the A/A noise floor of HARNESS on this machine."""
     from . import stats
     from .envs import get
@@ -194,7 +203,7 @@ def noise(harness, pairs, env_name, runs_dir, as_json):
     from .harness import load
     from .store import new_run_id
 
-    h = load(harness)
+    h = load(harness, model=model_path)
     h.preflight()
     env = get(env_name, h)
     env.preflight()
@@ -213,13 +222,14 @@ def noise(harness, pairs, env_name, runs_dir, as_json):
 @cli.command()
 @click.argument("harness")
 @click.option("--src", type=click.Path(exists=True, file_okay=False), help="tree to profile (default: the harness's own)")
-def profile(harness, src):
+@MODEL_OPTION
+def profile(harness, src, model_path):
     """A profile digest of a build (for the agent; never used for a verdict)."""
     from .harness import load, stage_editable
     from .runner import build_cached, default_cache
     from .store import new_run_id
 
-    h = load(harness)
+    h = load(harness, model=model_path)
     h.preflight()
     stage = default_cache() / "profile-stage" / new_run_id(h.name)
     stage_editable(h, Path(src) if src else h.source_tree(), stage)
@@ -244,17 +254,18 @@ def _display(quiet: bool):
 @click.option("--run", "run_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="add the experiment to this run (default: a new run of kind 'try')")
 @click.option("--no-confirm", is_flag=True, help="skip the confirming run of a KEEP")
+@MODEL_OPTION
 @ENV_OPTION
 @RUNS_OPTION
 @JSON_OPTION
-def try_(harness, patch, hypothesis, run_path, no_confirm, env_name, runs_dir, as_json):
+def try_(harness, patch, hypothesis, run_path, no_confirm, model_path, env_name, runs_dir, as_json):
     """A person's idea through the same gate as an agent's: apply PATCH, evaluate, decide."""
     from .agents import Proposal
     from .envs import get
     from .harness import load
     from .loop import Lab, Settings
 
-    h = load(harness)
+    h = load(harness, model=model_path)
     h.preflight()
     env = get(env_name, h)
     env.preflight()
@@ -360,9 +371,10 @@ def export(run_path, experiment, out):
 @click.option("--env", "env_name", type=click.Choice(["auto", "native", "docker", "nix"]), default="auto",
               show_default=True, help="auto: the bundle's image by digest when it names one, else native")
 @click.option("--harness", "harness_ref", help="harness name or folder (default: the bundle's harness by name)")
+@MODEL_OPTION
 @RUNS_OPTION
 @JSON_OPTION
-def reproduce(bundle, env_name, harness_ref, runs_dir, as_json):
+def reproduce(bundle, env_name, harness_ref, model_path, runs_dir, as_json):
     """Reproduce a bundle: same build, same outputs on the recorded seeds, the speedup re-timed."""
     from .bundle import peek, reproduce as reproduce_bundle
     from .envs import get
@@ -371,7 +383,7 @@ def reproduce(bundle, env_name, harness_ref, runs_dir, as_json):
     from .store import new_run_id
 
     data = peek(bundle)
-    harness = load(harness_ref or data.get("harness", ""))
+    harness = load(harness_ref or data.get("harness", ""), model=model_path)
     recorded_env = str(data.get("environment", ""))
     if env_name == "docker" or (env_name == "auto" and "@sha256:" in recorded_env):
         env = DockerEnv(harness, image=recorded_env if "@sha256:" in recorded_env else None)
@@ -416,7 +428,9 @@ def parse_duration(text: str) -> float:
 @click.option("--max-usd", type=float, default=0.0, help="stop when the agent has spent this much")
 @click.option("--agent", "agent_spec", default="anthropic", show_default=True,
               help="anthropic | command:CMD | replay:FILE")
-@click.option("--model", default=None, help="model id for the anthropic agent")
+@click.option("--agent-model", "agent_model", default=None,
+              help="model id for the anthropic agent (or --agent anthropic:MODEL)")
+@MODEL_OPTION
 @click.option("--web-search", is_flag=True, help="let the research step use the API's web search")
 @click.option("--delta", type=float, help="decision threshold as a fraction (default: from the noise floor)")
 @click.option("--gpu", "gpu_index", type=int, default=0, show_default=True)
@@ -430,8 +444,8 @@ def parse_duration(text: str) -> float:
 @click.option("--quiet", is_flag=True)
 @ENV_OPTION
 @RUNS_OPTION
-def run(harness, budget, max_experiments, max_usd, agent_spec, model, web_search, delta, gpu_index,
-        gpus_text, executor, address, resume_path, quiet, env_name, runs_dir):
+def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, model_path, web_search, delta,
+        gpu_index, gpus_text, executor, address, resume_path, quiet, env_name, runs_dir):
     """The main job: let an agent hill-climb HARNESS until a budget ends."""
     from .agents import make_agent
     from .envs import get
@@ -454,13 +468,13 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, model, web_search
         raise click.UsageError("--executor ray needs --address HOST:PORT (the Ray head)")
     if not harness:
         raise click.UsageError("name a harness (see `lab harnesses`) or give --resume RUN")
-    h = load(harness)
+    h = load(harness, model=model_path)  # a resumed run takes its recorded model (Lab.resume)
     h.preflight()  # no GPU: stop now, before an agent or a run folder exists
     env = get(env_name, h)
     env.preflight()
-    agent = make_agent(agent_spec, model=model, web_search=web_search)  # no key: stops here
+    agent = make_agent(agent_spec, model=agent_model, web_search=web_search)  # no key: stops here
     settings = Settings(budget_s=budget_s, max_experiments=max_experiments, max_usd=max_usd,
-                        delta=delta, env=env_name, gpu_index=gpu_index, agent=agent_spec, model=model,
+                        delta=delta, env=env_name, gpu_index=gpu_index, agent=agent_spec, model=agent_model,
                         gpus=gpus, executor=executor, address=address)
     parallel = bool(gpus) or executor == "ray"
     if parallel:  # a missing GPU, a busy one, a Ray address that does not answer: stop here

@@ -64,6 +64,9 @@ def run_evaluation(
     candidate_hash = stage_editable(harness, candidate_tree, stage / "candidate")
     extra = {"harness_lock": harness.lock_digest(), "candidate_source": candidate_hash,
              "environment": env.reference(), **(fingerprint_extra or {})}
+    model = harness.model_identity()
+    if model:  # results on different models are never compared: the model is part of the fingerprint
+        extra["model"] = model
     if incumbent_tree is not None and mode == "evaluate":
         extra["incumbent_source"] = stage_editable(harness, incumbent_tree, stage / "incumbent")
 
@@ -83,6 +86,8 @@ def run_evaluation(
         "work": Mount(work_dir, "/lab/work", read_only=False),
         "cache": Mount(cache, "/cache", read_only=False),
     }
+    if harness.model_path is not None:
+        mounts["model"] = Mount(harness.model_path.parent, "/lab/model", read_only=True)
     at = {k: env.path_of(m) for k, m in mounts.items()}
     record_path = work_dir / "record.json"
     if record_path.exists():
@@ -102,6 +107,8 @@ def run_evaluation(
         argv += ["--max-seconds", repr(max_seconds)]
     if min_pairs:
         argv += ["--min-pairs", str(min_pairs)]
+    if harness.model_path is not None:
+        argv += ["--model", f"{at['model']}/{harness.model_path.name}"]
 
     result = env.run(argv, mounts=list(mounts.values()), timeout_s=timeout_s or harness.timeout_seconds,
                      cpus=cpus, gpus=None)

@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import HarnessContractError, HarnessNotFound, LockedFileChanged
+from .errors import HarnessContractError, HarnessNotFound, LabError, LockedFileChanged
 from .records import Build, Check, Environment, Metric, Sample
 
 LOCK_FILE = "lock.json"
@@ -54,9 +54,14 @@ class Harness:
     min_timing_seconds: float = 2.0
     max_timing_seconds: float = 30.0
     oracle_seeds: int = 2  # secret seeds per check
+    # What `--model PATH` gives a harness whose workload runs a model file the user may swap
+    # (llamacpp: "a GGUF model file"); empty: the harness takes none. The lab hands the file to
+    # every runner (mounted read-only in a container) and records its identity with each result.
+    model_help: str = ""
 
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
+        self.model_path: Path | None = None  # set by use_model; None: the harness's own model
 
     # --- the methods a harness implements -------------------------------------------------
     def build(self, src: Path, out: Path) -> Build:
@@ -89,6 +94,11 @@ class Harness:
     def preflight(self) -> None:
         """Raise EnvironmentUnavailable when this machine cannot evaluate the harness."""
 
+    def describe_model(self, path: Path) -> dict:
+        """Validate the model file at `path` (raise with the reason when it cannot be used) and
+        return its identity: at least {"name", "sha256", "bytes"}. Harnesses with model_help implement it."""
+        raise NotImplementedError
+
     def source_tree(self) -> Path:
         """The tree whose editable files candidates change, inside a git repository (runs get a
         worktree of it). By default the harness folder itself; a harness over a third-party
@@ -99,6 +109,19 @@ class Harness:
     @property
     def program(self) -> Path:
         return self.root / "program.md"
+
+    def use_model(self, path: str | Path) -> dict:
+        """Run the workload on the model at `path` instead of the harness's own; its identity."""
+        if not self.model_help:
+            raise LabError(f"harness '{self.name}' takes no --model: its workload is fixed; leave --model out")
+        path = Path(path).expanduser().resolve()
+        identity = self.describe_model(path)
+        self.model_path = path
+        return identity
+
+    def model_identity(self) -> dict | None:
+        """The chosen model's identity (use_model), None while the harness runs its own."""
+        return None if self.model_path is None else self.describe_model(self.model_path)
 
     def is_editable(self, relpath: str) -> bool:
         return matches_any(relpath, self.editable)
@@ -124,6 +147,7 @@ class Harness:
             "metric": self.metric.to_dict(),
             "editable": list(self.editable),
             "environment": self.environment.to_dict(),
+            "model_option": self.model_help,
             "root": str(self.root),
         }
 
@@ -270,8 +294,9 @@ def available() -> dict[str, Path]:
     return found
 
 
-def load(name_or_path: str | Path) -> Harness:
-    """A harness by name (searched on the harness path) or by folder path."""
+def load(name_or_path: str | Path, model: str | Path | None = None) -> Harness:
+    """A harness by name (searched on the harness path) or by folder path; `model`: a model file
+    for a harness that takes one (Harness.use_model)."""
     candidate = Path(name_or_path)
     if candidate.is_dir():
         folder = candidate
@@ -284,7 +309,10 @@ def load(name_or_path: str | Path) -> Harness:
                 "or add its parent folder to LAB_HARNESS_PATH"
             )
         folder = known[str(name_or_path)]
-    return _load_folder(folder.resolve())
+    harness = _load_folder(folder.resolve())
+    if model:
+        harness.use_model(model)
+    return harness
 
 
 def _load_folder(folder: Path) -> Harness:

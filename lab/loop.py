@@ -141,6 +141,31 @@ class Interrupts:
         return False
 
 
+def _model_record(harness: Harness) -> dict | None:
+    """The run's workload model (`--model`): where it was and what it was; None: the harness's own."""
+    identity = harness.model_identity()
+    return None if identity is None else {**identity, "path": str(harness.model_path)}
+
+
+def _resume_model(harness: Harness, recorded: dict | None, path: Path) -> None:
+    """A run keeps the model it started with: take the recorded file unless --model named one, and
+    refuse a file whose sha256 differs (or a model for a run that ran the harness's own)."""
+    if recorded is None:
+        if harness.model_path is not None:
+            raise LabError(f"{path} ran the harness's own model; a run cannot change its model: "
+                           "resume without --model, or start a new run")
+        return
+    if harness.model_path is None:
+        if not Path(recorded["path"]).is_file():
+            raise LabError(f"{path} ran on the model {recorded['path']} (sha256 {recorded['sha256']}), "
+                           "which is no longer there: give the same file with --model PATH")
+        harness.use_model(recorded["path"])
+    now = harness.model_identity()
+    if now["sha256"] != recorded["sha256"]:
+        raise LabError(f"{path} ran on {recorded['name']} (sha256 {recorded['sha256']}); {harness.model_path} "
+                       f"has sha256 {now['sha256']}: a run cannot change its model; give the run's file with --model")
+
+
 class Lab:
     """One run: its folder, harness, environment and worktree."""
 
@@ -165,7 +190,7 @@ class Lab:
             "harness": harness.name, "harness_root": str(harness.root), "kind": kind,
             "base_commit": base, "branch": f"lab/{run_id}", "repo": str(repo), "prefix": prefix,
             "harness_lock": harness.lock_digest(), "environment": env.reference(),
-            "settings": asdict(settings),
+            "settings": asdict(settings), "workload_model": _model_record(harness),
         })
         Workspace.create(harness, folder.worktree, f"lab/{run_id}", base)
         lab = cls(folder, harness, env, settings, display)
@@ -184,6 +209,7 @@ class Lab:
         if meta.get("harness_lock") != harness.lock_digest():
             raise LabError(f"the locked files of '{harness.name}' changed since {path} started; "
                            "resume with the harness as it was (git checkout) or start a new run")
+        _resume_model(harness, meta.get("workload_model"), path)
         settings = settings or Settings(**meta.get("settings", {}))
         lab = cls(folder, harness, env, settings, display)
         state = lab.state()

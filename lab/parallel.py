@@ -246,7 +246,9 @@ class RayExecutor:
             work = req.work if attempt == 0 else req.work.with_name(f"{req.work.name}-r{attempt}")
             payload = {"candidate": str(req.candidate), "work": str(work), "mode": req.mode,
                        "incumbent": str(req.incumbent) if req.incumbent else None, "delta": req.delta,
-                       "fingerprint_extra": req.fingerprint_extra, "slot": slot.index}
+                       "fingerprint_extra": req.fingerprint_extra, "slot": slot.index,
+                       # the same path on every node: a shared folder, or a copy at that path
+                       "model": str(self.harness.model_path) if self.harness.model_path else None}
             ref = self._task.options(**self._options(req)).remote(str(self.harness.root), self.env_name, payload)
             try:
                 data = ray.get(ref)
@@ -295,7 +297,7 @@ def _ray_evaluate(harness_root: str, env_name: str, req: dict) -> dict:
     node = ctx.get_node_id()
     work = Path(req["work"])
     work.mkdir(parents=True, exist_ok=True)
-    harness = load(harness_root)
+    harness = load(harness_root, model=req.get("model"))
     gpu_ids = [int(g) for g in ray.get_gpu_ids()]
     here = next((n for n in ray.nodes() if n.get("NodeID") == node), {})
     key = "GPU" if harness.environment.needs_gpu else SLOT_RESOURCE

@@ -185,7 +185,7 @@ def _telemetry_for(harness: Harness, gpu_index: int):
 # --- one evaluation ---------------------------------------------------------------------------
 def evaluate(args) -> Evaluation:
     started = time.monotonic()
-    harness = load(args.harness)
+    harness = load(args.harness, model=args.model)
     verify_lock(harness)
     seeds = json.loads(Path(args.seeds_file).read_text()) if args.seeds_file else {}
     check_seeds = seeds.get("check") or [random.SystemRandom().getrandbits(63) for _ in range(harness.oracle_seeds)]
@@ -274,6 +274,7 @@ def parse_args(argv=None):
     p.add_argument("--min-seconds", type=float, default=None)
     p.add_argument("--max-seconds", type=float, default=0)
     p.add_argument("--gpu-index", type=int, default=0)
+    p.add_argument("--model", help="the workload's model file, for a harness that takes one (Harness.use_model)")
     p.add_argument("--cache", help="build cache folder (default $LAB_CACHE or ~/.cache/lab)")
     p.add_argument("--fingerprint-extra", default="{}", help="JSON merged into the fingerprint")
     args = p.parse_args(argv)

@@ -9,6 +9,7 @@ import pytest
 from lab.bundle import export, reproduce
 from lab.envs import get
 from lab.errors import BundleError
+from lab.harness import load
 from lab.loop import Lab, Settings
 from lab.agents import Proposal
 from lab.workspace import git
@@ -124,3 +125,33 @@ def test_reproduce_inside_the_pulled_image(published, docker_client, tmp_path):
     report = json.loads(out.stdout)
     assert report["environment_now"] == record["image"]
     assert report["artifact_identical"] and report["outputs_identical"], report
+
+
+def test_a_bundle_measured_on_a_chosen_model_reproduces_only_on_that_model(cdot, cdot_repo, tmp_path):
+    model = tmp_path / "half.txt"
+    model.write_text(f"{1 << 17}\n")
+    cdot.use_model(model)
+    _slow_incumbent(cdot_repo, cdot)
+    path = export(_kept_run(cdot, cdot_repo, get("native")).folder.path, cdot)
+    assert json.load(tarfile.open(path).extractfile("bundle.json"))["fingerprint"]["model"]["elements"] == 1 << 17
+
+    colleague = load(cdot.root)  # a fresh harness: its own model until --model names one
+    with pytest.raises(BundleError, match="measured on the model half.txt .* give that file with --model"):
+        reproduce(path, colleague, get("native"), tmp_path / "r1")
+    other = tmp_path / "other.txt"
+    other.write_text(f"{1 << 16}\n")
+    colleague.use_model(other)
+    with pytest.raises(BundleError, match="give that file with --model"):
+        reproduce(path, colleague, get("native"), tmp_path / "r2")
+    colleague.use_model(model)
+    report = reproduce(path, colleague, get("native"), tmp_path / "r3")
+    assert report["ok"] and report["outputs_identical"], report
+
+
+def test_a_bundle_on_the_harness_model_refuses_another(bundle, tmp_path):
+    path, harness = bundle
+    model = tmp_path / "half.txt"
+    model.write_text(f"{1 << 17}\n")
+    harness.use_model(model)
+    with pytest.raises(BundleError, match="harness's own model: leave --model out"):
+        reproduce(path, harness, get("native"), tmp_path / "r")

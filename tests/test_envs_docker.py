@@ -141,6 +141,16 @@ def test_a_check_of_cdot_runs_inside_the_pulled_image(published, docker_client, 
     assert outcome.evaluation.fingerprint["environment"] == record["image"]
     assert outcome.evaluation.candidate_build.artifact.startswith("/cache/")
 
+    # --model: the file reaches the runner in the container (read-only mount) and the record says so
+    model = tmp_path / "models" / "short.txt"
+    model.parent.mkdir()
+    model.write_text("4096\n")
+    harness.use_model(model)
+    outcome = run_evaluation(harness, harness.root, tmp_path / "work-model", env=env, mode="check")
+    assert outcome.verdict.status == "PASS", (outcome.verdict, outcome.stderr_tail)
+    assert outcome.evaluation.work["elements"] == 4096
+    assert outcome.evaluation.fingerprint["model"]["sha256"] == harness.model_identity()["sha256"]
+
 
 # --- without an engine ------------------------------------------------------------------------
 def test_no_engine_names_the_fix(monkeypatch):

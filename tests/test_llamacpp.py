@@ -191,42 +191,41 @@ def test_gguf_reader_reads_what_llama_results_writes(lc, tmp_path):
     assert g.metadata["path_model"] == "m"
 
 
-def test_a_file_that_is_not_a_gguf_is_refused(lc, tmp_path, monkeypatch):
-    m = lc["model"]
+def test_a_file_that_is_not_a_gguf_is_refused(lc, tmp_path):
+    m, h = lc["model"], lc["harness"]
     bad = tmp_path / "model.gguf"
     bad.write_text("this is a text file, not a model\n")
-    monkeypatch.setenv(m.ENV_MODEL, str(bad))
     with pytest.raises(m.ModelError, match="not a GGUF file"):
-        m.resolve(tmp_path)
-    monkeypatch.setenv(m.ENV_MODEL, str(tmp_path / "missing.gguf"))
+        h.use_model(bad)
     with pytest.raises(m.ModelError, match="does not exist"):
-        m.resolve(tmp_path)
+        h.use_model(tmp_path / "missing.gguf")
+    assert h.model_path is None  # a refused file leaves the harness on its own model
 
 
-def test_a_truncated_or_tensorless_gguf_is_refused(lc, tmp_path, monkeypatch):
-    m = lc["model"]
+def test_a_truncated_or_tensorless_gguf_is_refused(lc, tmp_path):
+    m, h = lc["model"], lc["harness"]
     full = write_gguf(tmp_path / "full.gguf", {"w": np.ones((4, 8), np.float32)}, {"general.architecture": "llama"})
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(full.read_bytes()[:40])
-    monkeypatch.setenv(m.ENV_MODEL, str(cut))
     with pytest.raises(m.ModelError, match="truncated"):
-        m.resolve(tmp_path)
+        h.use_model(cut)
     empty = write_gguf(tmp_path / "empty.gguf", {}, {"general.architecture": "llama"})
-    monkeypatch.setenv(m.ENV_MODEL, str(empty))
     with pytest.raises(m.ModelError, match="without tensors"):
-        m.resolve(tmp_path)
+        h.use_model(empty)
 
 
-def test_any_gguf_by_path_is_accepted_and_its_sha256_recorded(lc, tmp_path, monkeypatch):
-    m = lc["model"]
+def test_any_gguf_by_path_is_accepted_and_its_sha256_recorded(tmp_path):
+    h = load(HARNESS)  # its own instance: the model chosen here must not leak into other tests
     path = write_gguf(tmp_path / "tiny.gguf", {"w": np.ones((4, 8), np.float32)},
                       {"general.architecture": "llama", "general.name": "tiny"})
-    monkeypatch.setenv(m.ENV_MODEL, str(path))
-    got = m.resolve(tmp_path)
-    assert got.architecture == "llama" and got.name == "tiny"
+    identity = h.use_model(path)
     import hashlib
 
-    assert got.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert identity == {"name": "tiny.gguf", "sha256": sha, "bytes": path.stat().st_size, "architecture": "llama"}
+    got = h.model()
+    assert got.path == path.resolve() and got.name == "tiny" and got.sha256 == sha
+    assert h.model_identity() == identity
 
 
 # --- the oracle's pure parts ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -98,6 +99,24 @@ def test_pristine_tree_passes_its_own_oracle(llamacpp, tmp_path):
     build = out.evaluation.candidate_build
     assert build.ok and build.info["llama_cpp_commit"] == "0c1e57098" and build.artifact_sha256
     assert build.info["backend"] == llamacpp.backend and (build.info["cuda_arch"] != "") == cuda
+
+
+def test_a_model_given_by_path_reaches_the_runner(monkeypatch, tmp_path):
+    """`--model PATH` on the real harness: the file (the default model under another name and
+    folder) is what the runner's oracle runs, and its identity is in the record's fingerprint."""
+    h = _harness("cpu", monkeypatch)
+    default = h.model()
+    chosen = tmp_path / "models" / "my-model.gguf"
+    chosen.parent.mkdir()
+    try:
+        os.link(default.path, chosen)
+    except OSError:  # another filesystem
+        shutil.copyfile(default.path, chosen)
+    assert h.use_model(chosen)["sha256"] == default.sha256
+    out = _check(h, tmp_path)
+    assert out.verdict.status == "PASS", (out.verdict, out.stderr_tail)
+    assert out.evaluation.check.lines[0].startswith("model my-model.gguf (gemma3, sha256 a5fd3b62230a")
+    assert out.evaluation.fingerprint["model"]["name"] == "my-model.gguf"
 
 
 @pytest.mark.parametrize("backend, patch", SOLUTION_CASES)

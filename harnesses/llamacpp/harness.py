@@ -8,7 +8,7 @@ same tree (oracle.py), and times one llama-bench tg128 repetition per sample in 
 process, parsing its JSONL and cross-checking it with its own wall clock (bench.py). Candidate
 code never runs in the harness's process. Notes for the agent: program.md.
 
-Environment: LAB_LLAMACPP_MODEL=PATH picks another GGUF model; LAB_LLAMACPP_BACKEND=cpu|cuda
+`--model PATH` (any lab command) runs another GGUF model; LAB_LLAMACPP_BACKEND=cpu|cuda
 overrides the backend (default: cuda when nvidia-smi sees a GPU and nvcc is there, else cpu);
 LAB_LLAMACPP_SOURCE=auto|git|sdist and LAB_LLAMACPP_GIT_URL choose where the pinned tree comes
 from (source.py).
@@ -55,6 +55,7 @@ class LlamaCpp(Harness):
     min_timing_seconds = 0.0
     max_timing_seconds = 180.0  # a pair is two llama-bench processes: ~4.5 s on 2 quiet cores, 8+ s on busy ones
     oracle_seeds = 2
+    model_help = "a GGUF model file"
 
     def __init__(self, root: Path):
         super().__init__(root)
@@ -88,7 +89,10 @@ class LlamaCpp(Harness):
         return source.prepare_tree(self.home)
 
     def model(self) -> models.Model:
-        return models.resolve(self.home)
+        return models.resolve(self.home, self.model_path)
+
+    def describe_model(self, path: Path) -> dict:
+        return models.describe(path).describe()
 
     @property
     def speed_of_light_seconds(self) -> float | None:

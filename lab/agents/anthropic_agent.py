@@ -353,7 +353,7 @@ class AnthropicAgent(Agent):
         if isinstance(exc, sdk.PermissionDeniedError):
             return AgentFatal(f"the key may not use the model '{self.model}' (403: {detail})")
         if isinstance(exc, sdk.NotFoundError):
-            return AgentFatal(f"the model '{self.model}' was not found (404: {detail}); pick another with --model")
+            return AgentFatal(f"the model '{self.model}' was not found (404: {detail}); pick another with --agent-model")
         if status is not None:
             return _ApiFailure(f"api error: {status} {detail}")
         return _ApiFailure(f"api error: {type(exc).__name__}: {detail}")

@@ -21,7 +21,7 @@ def make_agent(spec: str, *, model: str | None = None, web_search: bool = False,
         from .anthropic_agent import AnthropicAgent
 
         if sep and arg.strip() and model and model != arg.strip():
-            raise LabError(f"two models given: '{arg.strip()}' in --agent and '{model}' in --model")
+            raise LabError(f"two models given: '{arg.strip()}' in --agent and '{model}' in --agent-model")
         return AnthropicAgent(model or arg.strip() or None, web_search=web_search, max_turns=max_turns,
                               max_tokens=max_tokens, prices_file=prices_file, base_url=base_url)
     if kind == "command":

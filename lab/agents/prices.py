@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import LabError
 
-# The model the anthropic agent uses when --model is not given: the documentation's recommended
+# The model the anthropic agent uses when --agent-model is not given: the documentation's recommended
 # starting point for agentic coding as of 2026-11-22 (Claude Opus 5.5, released 2026-09-22).
 DEFAULT_MODEL = "claude-opus-5-5"
 
