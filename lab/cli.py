@@ -171,15 +171,14 @@ def _comparable_record(harness_name, path: Path, env_name, model_path=None) -> d
     """Refuse to set results side by side when their fingerprints differ, naming the fields."""
     from .envs import get
     from .errors import FingerprintMismatch
+    from .evaluate import model_fingerprint
     from .harness import load
     from .system.fingerprint import collect, differences
 
     data = json.loads(path.read_text())
     h = load(harness_name, model=model_path)
-    extra = {"harness_lock": h.lock_digest(), "environment": get(env_name, h).reference()}
-    if h.model_path is not None:
-        extra["model"] = h.model_identity()
-    now = collect(extra=extra)
+    now = collect(extra={"harness_lock": h.lock_digest(), "environment": get(env_name, h).reference(),
+                         **model_fingerprint(h)})
     differ = differences(data.get("fingerprint") or {}, now)
     if differ:
         raise FingerprintMismatch(

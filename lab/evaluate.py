@@ -40,6 +40,13 @@ def secret_seeds(count: int) -> list[int]:
     return [rng.getrandbits(63) for _ in range(count)]
 
 
+def model_fingerprint(harness: Harness) -> dict:
+    """The chosen model's identity as a fingerprint field: results on different models differ in
+    it and are never compared. Empty while the harness runs its own model."""
+    model = harness.model_identity()
+    return {"model": model} if model else {}
+
+
 def run_evaluation(
     harness: Harness,
     candidate_tree: Path,
@@ -63,10 +70,7 @@ def run_evaluation(
     stage = work_dir / "stage"
     candidate_hash = stage_editable(harness, candidate_tree, stage / "candidate")
     extra = {"harness_lock": harness.lock_digest(), "candidate_source": candidate_hash,
-             "environment": env.reference(), **(fingerprint_extra or {})}
-    model = harness.model_identity()
-    if model:  # results on different models are never compared: the model is part of the fingerprint
-        extra["model"] = model
+             "environment": env.reference(), **model_fingerprint(harness), **(fingerprint_extra or {})}
     if incumbent_tree is not None and mode == "evaluate":
         extra["incumbent_source"] = stage_editable(harness, incumbent_tree, stage / "incumbent")
 

@@ -36,6 +36,12 @@ def test_check_runs_the_chosen_model_and_records_it(cdot, cdot_repo, tmp_path):
     own = _read(cdot_repo, _json(lab_cli("check", str(cdot.root), "--json", cwd=cdot_repo))["record"])
     assert own["work"]["elements"] == 1 << 18 and "model" not in own["fingerprint"]
 
+    # a record of one model is never set beside a measurement of another
+    record = tmp_path / "chosen.json"
+    record.write_text(json.dumps(chosen))
+    refused = lab_cli("bench", str(cdot.root), "--against-record", str(record), cwd=cdot_repo)
+    assert refused.returncode == 2 and "model.sha256" in refused.stderr and "never compared" in refused.stderr
+
 
 def test_a_bad_model_or_a_harness_without_one_is_one_clear_line(cdot, cdot_repo, tmp_path):
     out = lab_cli("check", str(cdot.root), "--model", str(_model(tmp_path, "lots")), cwd=cdot_repo)
