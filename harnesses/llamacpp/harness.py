@@ -8,7 +8,7 @@ same tree (oracle.py), and times one llama-bench tg128 repetition per sample in 
 process, parsing its JSONL and cross-checking it with its own wall clock (bench.py). Candidate
 code never runs in the harness's process. Notes for the agent: program.md.
 
-`--model PATH` (any lab command) runs another GGUF model; LAB_LLAMACPP_BACKEND=cpu|cuda
+`--model PATH` (on the lab's commands that evaluate) runs another GGUF model; LAB_LLAMACPP_BACKEND=cpu|cuda
 overrides the backend (default: cuda when nvidia-smi sees a GPU and nvcc is there, else cpu);
 LAB_LLAMACPP_SOURCE=auto|git|sdist and LAB_LLAMACPP_GIT_URL choose where the pinned tree comes
 from (source.py).
