@@ -2,7 +2,7 @@
 
     LAB_MLX_MODEL unset   the default hub model when the Hugging Face hub answers (and
                           HF_HUB_OFFLINE is not 1), else the offline tiny model
-    LAB_MLX_MODEL=tiny    the offline tiny model, always (tests, CI, BENCH.md)
+    LAB_MLX_MODEL=tiny    the offline tiny model, always (tests, CI, docs/evidence/mlx/BENCH.md)
     LAB_MLX_MODEL=DIR     a local MLX model folder (config.json, model*.safetensors, tokenizer.json)
     LAB_MLX_MODEL=ORG/REPO  a hub repository, downloaded once into the Hugging Face cache
 

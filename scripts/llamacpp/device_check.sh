@@ -2,10 +2,10 @@
 # The llama.cpp harness's CUDA path on a GPU machine, in steps that fit one call each.
 # Run from the repository root; logs and JSON go to $OUT (default /tmp/llamacpp_out).
 #
-#   bash harnesses/llamacpp/device_check.sh build   # the pristine CUDA build (the oracle's reference)
-#   bash harnesses/llamacpp/device_check.sh tests   # the CUDA tests: pristine oracle, the CUDA
+#   bash scripts/llamacpp/device_check.sh build   # the pristine CUDA build (the oracle's reference)
+#   bash scripts/llamacpp/device_check.sh tests   # the CUDA tests: pristine oracle, the CUDA
 #                                                   # solutions' verdicts, compile error, A/A, profile
-#   bash harnesses/llamacpp/device_check.sh noise   # `lab noise`: baseline tg128 and the A/A floor
+#   bash scripts/llamacpp/device_check.sh noise   # `lab noise`: baseline tg128 and the A/A floor
 #
 # LAB_TEST_CACHE (default /tmp/lab-llamacpp-cache) is the lab cache of all three steps, so the
 # tests reuse the build made first (machines without ccache rebuild otherwise). A machine that

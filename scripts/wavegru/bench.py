@@ -1,6 +1,6 @@
 """The numbers of BENCH.md, measured in one process on the GPU machine:
 
-    python3 harnesses/wavegru/bench.py --json bench.json [--pairs 20]
+    python3 scripts/wavegru/bench.py --json bench.json [--pairs 20]
 
 PyTorch eager and CUDA-graph references at B=1, then, for the baseline kernel and every
 solutions/correct patch, one full evaluation as the lab runs it (build incumbent and candidate,
@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent.parent))
+REPO = Path(__file__).resolve().parents[2]
+HERE = REPO / "harnesses" / "wavegru"  # the harness this measures
+sys.path.insert(0, str(REPO))
 
 from lab.harness import load  # noqa: E402
 
@@ -118,7 +119,7 @@ def main():
     import torch
 
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python3 harnesses/wavegru/bench.py --json bench_h100.json --pairs %d" % a.pairs,
+              "command": "python3 scripts/wavegru/bench.py --json bench_h100.json --pairs %d" % a.pairs,
               "device": torch.cuda.get_device_name(0),
               "nvidia_smi": sh(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,"
                                 "temperature.gpu", "--format=csv,noheader"]),

@@ -10,5 +10,5 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_wavegru_gpu.py -rA 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  timeout 400 python3 harnesses/wavegru/bench.py --json "$OUT/bench_h100.json" --pairs "${PAIRS:-20}" 2>&1 | tee "$OUT/bench.log"
+  timeout 400 python3 scripts/wavegru/bench.py --json "$OUT/bench_h100.json" --pairs "${PAIRS:-20}" 2>&1 | tee "$OUT/bench.log"
 fi

@@ -4,8 +4,8 @@
 # (experiments per hour, noise floors, verdicts). The run folder's events, log and results come
 # back under $OUT (its worktrees stay behind: they are copies of the repository).
 #
-#   GPUS=0   bash harnesses/wavegru/scaling_check.sh     # one GPU
-#   GPUS=0,1 bash harnesses/wavegru/scaling_check.sh     # two
+#   GPUS=0   bash scripts/wavegru/scaling_check.sh     # one GPU
+#   GPUS=0,1 bash scripts/wavegru/scaling_check.sh     # two
 #   DELTA=0.01 GPUS=0,1 bash ...                          # a fixed delta (the same for both runs,
 #                                                         # so that pairs per evaluation compare)
 #
