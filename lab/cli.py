@@ -271,9 +271,9 @@ def try_(harness, patch, hypothesis, run_path, no_confirm, model_path, env_name,
     settings = Settings(confirm=not no_confirm, env=env_name, agent="manual")
     lab = (Lab.resume(run_path, h, env, display=_display(as_json)) if run_path
            else Lab.start(h, runs_dir, env, settings, display=_display(as_json), kind="try"))
-    if lab.state().noise_floor is None:
-        lab.measure_noise()
     text = Path(patch).read_text()
+    if lab.state().noise_floor is None and _passes_guard(text, h):  # a refused patch runs nothing
+        lab.measure_noise()
     event = lab.experiment(Proposal(patch=text, hypothesis=hypothesis or Path(patch).stem))
     if as_json:
         return _print_json({"run": str(lab.folder.path), "event": event})
@@ -281,6 +281,17 @@ def try_(harness, patch, hypothesis, run_path, no_confirm, model_path, env_name,
     click.echo(f"#{event['number']} {status}: {event.get('description', '')}"
                + (f" — {event['verdict']['reason']}" if event.get("verdict", {}).get("reason") else ""))
     click.echo(f"run: {lab.folder.path}")
+
+
+def _passes_guard(patch: str, harness) -> bool:
+    from .errors import PatchRejected
+    from .workspace import guard_patch
+
+    try:
+        guard_patch(patch, harness)
+    except PatchRejected:
+        return False
+    return True
 
 
 @cli.command()
