@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from lab.bundle import export, reproduce
+from lab.bundle import content_digest, export, reproduce
 from lab.envs import get
 from lab.errors import BundleError
 from lab.harness import load
@@ -47,7 +47,8 @@ def test_native_bundle_reproduces_bit_for_bit(bundle, tmp_path):
     assert data["patch"].startswith("diff --git a/work.c b/work.c")
     assert data["oracle_seeds"] and data["output_hashes"] and data["pairs"]
     report = reproduce(path, harness, get("native"), tmp_path / "repro")
-    assert report["ok"], report
+    assert report["ok"], {k: report[k] for k in ("failed", "speedup_recorded", "speedup_now", "verdict_recorded",
+                                                 "artifact_identical", "outputs_identical", "correct")}
     assert report["artifact_identical"] and report["outputs_identical"] and report["correct"]
     assert report["verdict_now"] == "KEEP" and report["speedup_now"]["speedup"] > 1.5
 
@@ -61,12 +62,16 @@ def test_truncated_bundle_refused(bundle, tmp_path):
     assert not (tmp_path / "r" / "candidate").exists()
 
 
-def _rewrite(path, tmp_path, change):
+def _rewrite(path, tmp_path, change, redigest=True):
+    """The bundle with bundle.json changed; its digest recomputed unless redigest is False (an
+    attacker can recompute it: the digest catches damage, re-measurement catches lies)."""
     src = tmp_path / "unpacked"
     with tarfile.open(path) as tar:
         tar.extractall(src)
     data = json.loads((src / "bundle.json").read_text())
     change(data)
+    if redigest:
+        data["digest"] = content_digest(data)
     (src / "bundle.json").write_text(json.dumps(data))
     out = tmp_path / "changed.tar.gz"
     with tarfile.open(out, "w:gz") as tar:
