@@ -37,7 +37,7 @@ from .evaluate import run_evaluation
 from .harness import Harness, sha256_text, stage_editable, tree_hash
 from .records import SCHEMA_VERSION, Evaluation, Pair
 from .store import RunFolder
-from .workspace import Workspace, apply_patch, git, guard_patch
+from .workspace import Workspace, apply_patch, git, git_env, guard_patch
 
 BUNDLE_FILE = "bundle.json"
 BASE = "base"
@@ -164,7 +164,8 @@ def _checkout_editable(workspace: Workspace, commit: str, dest: Path) -> list[st
 def _blob(worktree: Path, obj: str) -> bytes:
     import subprocess
 
-    return subprocess.run(["git", "cat-file", "blob", obj], cwd=worktree, capture_output=True, check=True).stdout
+    return subprocess.run(["git", "cat-file", "blob", obj], cwd=worktree, capture_output=True, check=True,
+                          env=git_env()).stdout
 
 
 # --- reproduce ---------------------------------------------------------------------------------

@@ -35,13 +35,19 @@ REGULAR_MODE = "100644"
 
 
 def git(cwd: Path, *args: str, check: bool = True, input: str | None = None) -> str:
+    """git in `cwd` (a run's worktree, or the repository holding the harness): the user's GIT_DIR,
+    GIT_WORK_TREE, GIT_INDEX_FILE and the like never redirect it elsewhere."""
     proc = subprocess.run(
-        ["git", *args], cwd=cwd, capture_output=True, text=True, input=input,
-        env={**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"},
+        ["git", *args], cwd=cwd, capture_output=True, text=True, input=input, env=git_env(),
     )
     if check and proc.returncode != 0:
         raise LabError(f"git {' '.join(args[:2])} failed in {cwd}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout
+
+
+def git_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    return {**env, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
 
 
 def patch_paths(patch: str) -> list[str]:
@@ -107,10 +113,8 @@ def guard_patch(patch: str, harness: Harness) -> list[str]:
 
 def clean_git_env(home: Path) -> dict:
     """An environment for git that reads no user or system configuration: only what the lab sets."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update(GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull, GIT_ATTR_NOSYSTEM="1",
-               GIT_TERMINAL_PROMPT="0", HOME=str(home), XDG_CONFIG_HOME=str(home), LC_ALL="C")
-    return env
+    return {**git_env(), "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_ATTR_NOSYSTEM": "1",
+            "HOME": str(home), "XDG_CONFIG_HOME": str(home)}
 
 
 def apply_patch(patch: str, tree: Path, harness: Harness) -> list[str]:
@@ -265,7 +269,8 @@ def source_repo(harness: Harness) -> tuple[Path, str]:
     """(repository root, source tree relative to it) for the repository holding the harness's
     source tree (see Harness.source_tree)."""
     tree = harness.source_tree().resolve()
-    proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=tree, capture_output=True, text=True)
+    proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=tree, capture_output=True, text=True,
+                          env=git_env())
     if proc.returncode != 0:
         raise LabError(
             f"{tree} is not inside a git repository; a run needs one for its "

@@ -131,3 +131,16 @@ def test_staging_refuses_a_symlink_in_place_of_an_editable_file(cdot, tmp_path):
         stage_editable(cdot, tree, tmp_path / "stage")
     with pytest.raises(PatchRejected, match="not a regular file"):
         apply_patch(TWO, tree, cdot)
+
+
+def test_the_users_git_environment_does_not_redirect_the_lab(cdot, cdot_repo, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    subprocess.run(["git", "init", "-q", str(elsewhere)], check=True)
+    monkeypatch.setenv("GIT_DIR", str(elsewhere / ".git"))
+    monkeypatch.setenv("GIT_WORK_TREE", str(elsewhere))
+    ws = Workspace.create(cdot, tmp_path / "wt", "lab/t-env")
+    commit, _ = ws.apply(TWO, "lab #1", set())
+    monkeypatch.delenv("GIT_DIR")
+    monkeypatch.delenv("GIT_WORK_TREE")
+    assert git(ws.worktree, "log", "-1", "--format=%H").strip() == commit
+    assert subprocess.run(["git", "-C", str(elsewhere), "rev-parse", "HEAD"], capture_output=True).returncode != 0
