@@ -18,7 +18,7 @@ from lab.loop import Lab, Settings
 
 from conftest import CDOT, git, lab_cli
 from test_bundle import FAST, _kept_run, _slow_incumbent
-from test_workspace_apply import MODE_CHANGE, SYMLINK_AS_WORK
+from test_workspace_apply import BINARY, MODE_CHANGE, SUBMODULE, SYMLINK_AS_WORK
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,8 @@ def test_every_recorded_hash_is_compared(kept, tmp_path):
         (lambda d: d["verdict"].update(median=d["verdict"]["median"] * 3), "does not follow from its own recorded samples"),
         (lambda d: d.update(patch=MODE_CHANGE), "mode change"),
         (lambda d: d.update(patch=SYMLINK_AS_WORK), "symlink"),
+        (lambda d: d.update(patch=SUBMODULE), "submodule"),
+        (lambda d: d.update(patch=BINARY), "binary patch"),
     ]
     for i, (change, match) in enumerate(cases):
         _refused(_edited(path, tmp_path / f"e{i}.tar.gz", change), harness, tmp_path / f"r{i}", match)

@@ -112,13 +112,17 @@ def test_only_regular_files_in_the_loop(cdot, cdot_repo):
 
 
 def test_only_regular_files_in_lab_try(cdot, cdot_repo, tmp_path):
-    patch = tmp_path / "symlink.patch"
-    patch.write_text(SYMLINK_AS_WORK)
-    out = lab_cli("try", str(cdot.root), str(patch), "--json", cwd=cdot_repo)
-    assert out.returncode == 0, out.stderr
-    data = json.loads(out.stdout)
-    assert data["event"]["type"] == "rejected" and data["event"]["reason"] == "symlink"
-    run = cdot_repo / data["run"] if not os.path.isabs(data["run"]) else data["run"]
+    run = None
+    for reason, patches in REFUSED.items():
+        for i, text in enumerate(patches):
+            patch = tmp_path / f"{reason.replace(' ', '_')}-{i}.patch"
+            patch.write_text(text)
+            out = lab_cli("try", str(cdot.root), str(patch), "--json", *(["--run", str(run)] if run else []),
+                          cwd=cdot_repo)
+            assert out.returncode == 0, out.stderr
+            data = json.loads(out.stdout)
+            assert data["event"]["type"] == "rejected" and data["event"]["reason"] == reason, data["event"]
+            run = cdot_repo / data["run"]  # an absolute path stays itself
     assert not (run / "evaluations").exists(), "refused before anything ran (not even the noise floor)"
 
 
