@@ -21,9 +21,6 @@ from lab.runner import build_cached
 
 from conftest import CDOT, REPO, git
 
-VOLATILE = ("double s = 0.0;", "volatile double s = 0.0;")
-FAST = ("--- a/work.c\n+++ b/work.c\n@@ -3,3 +3,3 @@\n {\n-    volatile double s = 0.0;\n"
-        "+    double s = 0.0;\n     for (long i = 0; i < n; i++)\n")
 
 
 def test_one_source_built_in_two_folders_gives_one_artifact(tmp_path):
@@ -72,14 +69,8 @@ def test_a_colleague_reproduces_a_kept_result_from_another_checkout(tmp_path):
         git(tmp_path, "clone", "-q", str(origin), str(clone))
         git(clone, "config", "user.email", "t@t")
         git(clone, "config", "user.name", "t")
-    # Alice's checkout has a slow incumbent (an editable file: not part of the harness's lock)
-    work = alice / "tests" / "harnesses" / "cdot" / "work.c"
-    work.write_text(work.read_text().replace(*VOLATILE))
-    git(alice, "commit", "-qam", "a slow incumbent")
-    replay = tmp_path / "alice" / "fast.patch"
-    replay.write_text("# drop volatile\n" + FAST)
-
-    ran = _lab(alice, tmp_path / "alice" / "cache", "run", "tests/harnesses/cdot", "--agent", f"replay:{replay}",
+    ran = _lab(alice, tmp_path / "alice" / "cache", "run", "tests/harnesses/cdot",
+               "--agent", "replay:tests/harnesses/cdot/solutions/correct",
                "--budget", "15m", "--max-experiments", "1", "--delta", "0.02", "--quiet")
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     run_dir = next((alice / "runs").glob("cdot-*"))
