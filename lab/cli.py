@@ -264,6 +264,15 @@ def try_(harness, patch, hypothesis, run_path, no_confirm, model_path, env_name,
     from .harness import load
     from .loop import Lab, Settings
 
+    if run_path:  # one owner per run folder; the run's own environment unless --env is given
+        from click.core import ParameterSource
+
+        from .store import RunFolder
+
+        folder = RunFolder.open(run_path)
+        folder.hold()
+        if click.get_current_context().get_parameter_source("env_name") == ParameterSource.DEFAULT:
+            env_name = (folder.meta.get("settings") or {}).get("env") or env_name
     h = load(harness, model=model_path)
     h.preflight()
     env = get(env_name, h)
@@ -271,9 +280,9 @@ def try_(harness, patch, hypothesis, run_path, no_confirm, model_path, env_name,
     settings = Settings(confirm=not no_confirm, env=env_name, agent="manual")
     lab = (Lab.resume(run_path, h, env, display=_display(as_json)) if run_path
            else Lab.start(h, runs_dir, env, settings, display=_display(as_json), kind="try"))
-    if lab.state().noise_floor is None:
-        lab.measure_noise()
     text = Path(patch).read_text()
+    if lab.state().noise_floor is None and _passes_guard(text, h):  # a refused patch runs nothing
+        lab.measure_noise()
     event = lab.experiment(Proposal(patch=text, hypothesis=hypothesis or Path(patch).stem))
     if as_json:
         return _print_json({"run": str(lab.folder.path), "event": event})
@@ -281,6 +290,17 @@ def try_(harness, patch, hypothesis, run_path, no_confirm, model_path, env_name,
     click.echo(f"#{event['number']} {status}: {event.get('description', '')}"
                + (f" — {event['verdict']['reason']}" if event.get("verdict", {}).get("reason") else ""))
     click.echo(f"run: {lab.folder.path}")
+
+
+def _passes_guard(patch: str, harness) -> bool:
+    from .errors import PatchRejected
+    from .workspace import guard_patch
+
+    try:
+        guard_patch(patch, harness)
+    except PatchRejected:
+        return False
+    return True
 
 
 @cli.command()
@@ -374,7 +394,12 @@ def export(run_path, experiment, out):
 @RUNS_OPTION
 @JSON_OPTION
 def reproduce(bundle, env_name, harness_ref, model_path, runs_dir, as_json):
-    """Reproduce a bundle: same build, same outputs on the recorded seeds, the speedup re-timed."""
+    """Reproduce a bundle: same build, same outputs on the recorded seeds, the speedup re-timed.
+
+    Exit 0: reproduced (correct, artifacts and outputs identical, speedup consistent); 2: refused
+    before anything ran (damaged or hostile bundle, other harness or model); 3: incorrect on the
+    recorded seeds; 4: outputs differ; 5: an artifact differs; 6: the speedup was not reproduced
+    (another verdict, or a CI that does not overlap the recorded one)."""
     from .bundle import peek, reproduce as reproduce_bundle
     from .envs import get
     from .envs.docker import DockerEnv
@@ -393,20 +418,28 @@ def reproduce(bundle, env_name, harness_ref, model_path, runs_dir, as_json):
         _print_json(report)
     else:
         def fmt(v):
-            return (f"{v['speedup']:.4f}x (99% CI {v['ci'][0]:.4f}-{v['ci'][1]:.4f}, {v['pairs']} pairs)"
+            return (f"{v['status']} {v['speedup']:.4f}x (99% CI {v['ci'][0]:.4f}-{v['ci'][1]:.4f}, {v['pairs']} pairs)"
                     if v.get("speedup") and v.get("ci") else str(v.get("status")))
-        _table(f"reproduction of {bundle.name}", ["", "recorded", "now"], [
-            ["environment", report["environment_recorded"], report["environment_now"]],
-            ["build artifact", report["artifact_recorded"][:16], report["artifact_now"][:16]
-             + ("  identical" if report["artifact_identical"] else "  DIFFERENT")],
-            ["oracle outputs on the recorded seeds", "", "identical" if report["outputs_identical"] else "DIFFERENT"],
-            ["correctness", "pass", "pass" if report["correct"] else "FAIL"],
-            ["speedup", fmt(report["speedup_recorded"]) + (f"; cumulative {report['speedup_recorded_cumulative']:.4f}x"
-                                                           if report["speedup_recorded_cumulative"] else ""),
-             fmt(report["speedup_now"]) + " vs the baseline measured anew"],
-            ["fingerprint fields that differ", "", ", ".join(report["fingerprint_differences"]) or "none"],
+
+        def same(flag, yes="identical", no="DIFFERENT"):
+            return yes if flag else no
+        cumulative = report["speedup_recorded_cumulative"]
+        _table(f"reproduction of {bundle.name}", ["", "claimed (the bundle)", "re-measured here", ""], [
+            ["environment", report["environment_recorded"], report["environment_now"], ""],
+            ["candidate artifact", report["artifact_recorded"][:16], report["artifact_now"][:16],
+             same(report["artifact_identical"])],
+            ["base artifact", report["base_artifact_recorded"][:16], report["base_artifact_now"][:16],
+             same(report["base_artifact_identical"])],
+            ["oracle outputs on the recorded seeds", "recorded hashes", "", same(report["outputs_identical"])],
+            ["correctness", "pass", "pass" if report["correct"] else "FAIL", same(report["correct"], "ok", "FAILED")],
+            ["speedup over the base", fmt(report["speedup_recorded"])
+             + (f"; cumulative {cumulative:.4f}x" if isinstance(cumulative, (int, float)) else ""),
+             fmt(report["speedup_now"]), same(report["speedup_consistent"], "consistent", "NOT REPRODUCED")],
+            ["fingerprint fields that differ", "", ", ".join(report["fingerprint_differences"]) or "none", ""],
         ])
-    sys.exit(0 if report["ok"] else 1)
+        click.echo("reproduced" if report["ok"] else
+                   f"NOT reproduced: {', '.join(report['failed'])} (exit {report['exit_code']})")
+    sys.exit(report["exit_code"])
 
 
 def parse_duration(text: str) -> float:
@@ -445,36 +478,43 @@ def parse_duration(text: str) -> float:
 @RUNS_OPTION
 def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, model_path, web_search, delta,
         gpu_index, gpus_text, executor, address, resume_path, quiet, env_name, runs_dir):
-    """The main job: let an agent hill-climb HARNESS until a budget ends."""
+    """The main job: let an agent hill-climb HARNESS until a budget ends.
+
+    With --resume RUN the run keeps every setting it was started with (agent, models, limits, env,
+    GPUs, ...) except the options given again; its budget is what is left of the original one
+    (--budget given again: this much more from now). A run cannot change its environment or its
+    model. One process owns a run folder at a time."""
     from .agents import make_agent
     from .envs import get
     from .harness import load
     from .loop import Lab, Settings
 
-    budget_s = parse_duration(budget)  # bad input is refused before anything starts
-    earlier = {}
+    ctx = click.get_current_context()
+    given = _given_settings(ctx)  # bad input (a budget, GPUs) is refused before anything starts
+    total_budget = given["budget_s"]
     if resume_path:
         from .store import RunFolder
 
-        earlier = RunFolder.open(resume_path).meta.get("settings", {})
-        harness = harness or RunFolder.open(resume_path).meta.get("harness_root")
-    from .parallel import parse_gpus
-
-    gpus = parse_gpus(gpus_text) if gpus_text else list(earlier.get("gpus") or [])
-    executor = executor or earlier.get("executor") or "local"
-    address = address or earlier.get("address") or ""
+        folder = RunFolder.open(resume_path)
+        folder.hold()  # a second owner stops here, before an agent or a measurement exists
+        harness = harness or folder.meta.get("harness_root")
+        values, total_budget = _resumed_settings(ctx, folder, given)
+    else:
+        values = {k: v for k, v in given.items() if v is not None}
+    values["executor"] = values.get("executor") or "local"
+    values["address"] = values.get("address") or ""
+    gpus, executor, address = values["gpus"], values["executor"], values["address"]
     if executor == "ray" and not address:
         raise click.UsageError("--executor ray needs --address HOST:PORT (the Ray head)")
     if not harness:
         raise click.UsageError("name a harness (see `lab harnesses`) or give --resume RUN")
     h = load(harness, model=model_path)  # a resumed run takes its recorded model (Lab.resume)
     h.preflight()  # no GPU: stop now, before an agent or a run folder exists
-    env = get(env_name, h)
+    env = get(values["env"], h)
     env.preflight()
-    agent = make_agent(agent_spec, model=agent_model, web_search=web_search)  # no key: stops here
-    settings = Settings(budget_s=budget_s, max_experiments=max_experiments, max_usd=max_usd,
-                        delta=delta, env=env_name, gpu_index=gpu_index, agent=agent_spec, model=agent_model,
-                        gpus=gpus, executor=executor, address=address)
+    agent = make_agent(values["agent"], model=values.get("model"),
+                       web_search=values.get("web_search", False))  # no key: stops here
+    settings = Settings(**values)
     parallel = bool(gpus) or executor == "ray"
     if parallel:  # a missing GPU, a busy one, a Ray address that does not answer: stop here
         from .parallel import ParallelLab, make_executor
@@ -487,6 +527,10 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, mode
     lab_class = ParallelLab if parallel else Lab
     lab = (lab_class.resume(resume_path, h, env, settings, display=display) if resume_path
            else lab_class.start(h, runs_dir, env, settings, display=display))
+    if resume_path:  # what the run goes on with, the total budget among it
+        from dataclasses import asdict
+
+        lab.folder.update_meta(settings={**asdict(settings), "budget_s": total_budget})
     if parallel:
         lab.attach(workers, slots)
     view.lab = lab
@@ -500,6 +544,56 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, mode
     summary = lab.summary()
     click.echo(f"stopped: {reason}")
     _print_summary(summary)
+
+
+# The run's options that are settings (Settings fields), by their Click parameter names.
+SETTING_PARAMS = {"budget_s": "budget", "max_experiments": "max_experiments", "max_usd": "max_usd",
+                  "delta": "delta", "env": "env_name", "gpu_index": "gpu_index", "agent": "agent_spec",
+                  "model": "agent_model", "web_search": "web_search", "gpus": "gpus_text",
+                  "executor": "executor", "address": "address"}
+
+
+def _given_settings(ctx) -> dict:
+    """The Settings fields as this command line gives them (or defaults them)."""
+    from .parallel import parse_gpus
+
+    p = ctx.params
+    values = {name: p[param] for name, param in SETTING_PARAMS.items()}
+    values["budget_s"] = parse_duration(p["budget"])
+    values["gpus"] = parse_gpus(p["gpus_text"]) if p["gpus_text"] else []
+    return values
+
+
+def _resumed_settings(ctx, folder, given: dict) -> tuple[dict, float]:
+    """The settings a resumed run goes on with: the recorded ones, overridden only by options the
+    user gave on this command line (Click's parameter source), and its total budget. The budget
+    is the rest of the recorded one; --budget given again is that much more from now."""
+    from dataclasses import fields
+
+    from click.core import ParameterSource
+
+    from .loop import Settings
+    from .store import active_seconds
+
+    def typed(name):
+        return ctx.get_parameter_source(SETTING_PARAMS[name]) not in (ParameterSource.DEFAULT,
+                                                                      ParameterSource.DEFAULT_MAP, None)
+
+    known = {f.name for f in fields(Settings)}
+    recorded = {k: v for k, v in (folder.meta.get("settings") or {}).items() if k in known}
+    values = {**recorded, **{k: v for k, v in given.items() if typed(k)}}
+    if values.get("agent") == "manual" and not typed("agent"):
+        raise click.UsageError(f"{folder.path} was made by `lab try`: name the agent that goes on with it (--agent)")
+    spent = active_seconds(folder.events())
+    original = float(recorded.get("budget_s", given["budget_s"]))
+    if typed("budget_s"):
+        values["budget_s"] = given["budget_s"]
+        return values, spent + given["budget_s"]
+    values["budget_s"] = original - spent
+    if values["budget_s"] <= 0:
+        raise LabError(f"{folder.path} has spent its budget ({spent / 3600:.2f} h of {original / 3600:.2f} h); "
+                       "give --budget to go on for that much longer")
+    return values, original
 
 
 @cli.command()

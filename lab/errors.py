@@ -41,6 +41,10 @@ class RunFolderError(LabError):
     """A run folder that is missing, locked by a newer lab, or damaged."""
 
 
+class RunFolderBusy(RunFolderError):
+    """Another live process owns the run folder (a loop, a `try --run`, a resume)."""
+
+
 class EnvironmentUnavailable(LabError):
     """The requested evaluation environment (GPU, Docker engine, Nix, API key) is not there."""
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -251,8 +252,15 @@ def stage_editable(harness: Harness, tree: Path, dest: Path) -> str:
     """Copy only the editable files of `tree` to `dest`; return their content hash.
 
     The candidate's other files never reach the build: whatever else a tree holds, the harness
-    builds from its own locked files plus exactly these."""
+    builds from its own locked files plus exactly these. The editable surface is regular files: a
+    symlink (or anything else) in its place is refused, never followed."""
     files = harness.editable_files(tree)
+    odd = [rel for rel in files if not stat.S_ISREG(os.lstat(tree / rel).st_mode)]
+    if odd:
+        raise HarnessContractError(
+            f"{tree} holds {', '.join(odd[:5])} as something other than a regular file (a symlink?); "
+            f"the editable surface of '{harness.name}' is regular files only"
+        )
     if not files:
         raise HarnessContractError(
             f"{tree} holds none of the editable files of '{harness.name}' ({', '.join(harness.editable)})"

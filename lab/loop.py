@@ -44,6 +44,7 @@ class Settings:
     gpu_index: int = 0
     agent: str = "anthropic"
     model: str | None = None
+    web_search: bool = False  # the agent's research step may search the web
     gpus: list = field(default_factory=list)  # parallel slots (lab/parallel.py); empty: sequential
     executor: str = "local"  # local | ray
     address: str = ""  # the Ray cluster's address, for --executor ray
@@ -203,9 +204,13 @@ class Lab:
     def resume(cls, path: Path, harness: Harness, env: Env, settings: Settings | None = None,
                display=None) -> "Lab":
         folder = RunFolder.open(path)
+        folder.hold()  # one owner per run folder: a second one is refused with the first's pid
         meta = folder.meta
         if meta.get("harness") != harness.name:
             raise LabError(f"{path} is a run of '{meta.get('harness')}', not of '{harness.name}'")
+        if meta.get("environment") not in (None, env.reference()):
+            raise LabError(f"{path} ran in the environment {meta['environment']}, not {env.reference()}: a run "
+                           "cannot change its environment; resume without --env, or start a new run")
         if meta.get("harness_lock") != harness.lock_digest():
             raise LabError(f"the locked files of '{harness.name}' changed since {path} started; "
                            "resume with the harness as it was (git checkout) or start a new run")

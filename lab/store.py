@@ -8,6 +8,9 @@
         ledger/         every candidate's patch and hypothesis, kept or not
         worktree/       the run's git worktree (branch lab/<run-id>)
 
+One process owns a run folder at a time: `hold()` takes an exclusive OS lock (flock) on `.owner`
+for the life of the process (the kernel drops it when the process dies, however it dies), and a
+second owner is refused with the first one's pid. Readers (log, status, export) need no lock.
 Writers hold an exclusive lock on `.lock` while they append, so two lab processes never
 interleave half lines. A kill -9 can at worst leave one unterminated last line, which was never
 acted on (the lab acts only after the fsync returns); readers skip it and the next writer
@@ -22,14 +25,19 @@ import json
 import math
 import os
 import secrets
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import RunFolderError
+from .errors import RunFolderBusy, RunFolderError
 from .records import KEEP, SCHEMA_VERSION
 
 RUN_FILE = "run.json"
 EVENTS_FILE = "events.jsonl"
+OWNER_FILE = ".owner"
+# Run folders this process owns: resolved path -> the open file holding the flock (kept open, so
+# the lock lasts as long as the process).
+_HELD: dict[str, object] = {}
 
 
 def now_iso() -> str:
@@ -79,6 +87,7 @@ class RunFolder:
         data = {"schema_version": SCHEMA_VERSION, "id": run_id, "created": now_iso(), **meta}
         atomic_write(folder.path / RUN_FILE, json.dumps(data, indent=1) + "\n")
         folder.events_path.touch()
+        folder.hold()
         return folder
 
     @classmethod
@@ -98,6 +107,28 @@ class RunFolder:
                 f"{SCHEMA_VERSION}); upgrade the lab (`pip install -e .` in a newer checkout)"
             )
         return folder
+
+    def hold(self) -> None:
+        """Own this run folder for the rest of the process's life, or raise RunFolderBusy naming
+        the process that owns it. Idempotent within one process."""
+        key = str(self.path.resolve())
+        if key in _HELD:
+            return
+        f = open(self.path / OWNER_FILE, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunFolderBusy(
+                f"{self.path} is in use by {holder}; one process owns a run folder at a time: wait for it "
+                "to finish or stop it, then resume") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} ({' '.join(sys.argv[:4])[:200]}, since {now_iso()})\n")
+        f.flush()
+        _HELD[key] = f
 
     @property
     def meta(self) -> dict:
@@ -205,6 +236,22 @@ def pace(events: list[dict]) -> dict:
     seconds = (_parse_time(done[-1]["time"]) - _parse_time(first)).total_seconds()
     return {"experiments": len(done), "seconds": round(seconds, 1),
             "per_hour": round(len(done) * 3600 / seconds, 1) if seconds > 0 else None}
+
+
+def active_seconds(events: list[dict]) -> float:
+    """Wall time the run's processes have spent on it: from each `run_started` or `resumed` event
+    to the last event before the next one (a process killed mid-way counts to its last event)."""
+    total, start, last = 0.0, None, None
+    for e in events:
+        t = _parse_time(e["time"])
+        if e["type"] in ("run_started", "resumed"):
+            if start is not None:
+                total += (last - start).total_seconds()
+            start = t
+        last = t
+    if start is not None:
+        total += (last - start).total_seconds()
+    return total
 
 
 def _parse_time(text: str) -> _dt.datetime:

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from lab.bundle import export, reproduce
+from lab.bundle import content_digest, export, reproduce
 from lab.envs import get
 from lab.errors import BundleError
 from lab.harness import load
@@ -14,29 +14,24 @@ from lab.loop import Lab, Settings
 from lab.agents import Proposal
 from lab.workspace import git
 
-from conftest import lab_cli, locked_copy
+from conftest import CDOT, lab_cli, locked_copy
 
-FAST = ("--- a/work.c\n+++ b/work.c\n@@ -3,3 +3,3 @@\n {\n-    volatile double s = 0.0;\n"
-        "+    double s = 0.0;\n     for (long i = 0; i < n; i++)\n")
-
-
-def _slow_incumbent(repo, harness):
-    work = harness.root / "work.c"
-    work.write_text(work.read_text().replace("double s = 0.0;", "volatile double s = 0.0;"))
-    git(repo, "commit", "-qam", "slow incumbent")
+# Two accumulator chains: ~1.9x on the CPUs tried, and stable from one session to the next. (The
+# volatile-accumulator pair gave 10x to 20x from one session to the next on a shared 2-core VM:
+# too load-sensitive for a test whose pass needs the re-measured CI to overlap the recorded one.)
+TWO = (CDOT / "solutions" / "correct" / "two-accumulators.patch").read_text()
 
 
 def _kept_run(harness, repo, env):
     lab = Lab.start(harness, repo / "runs", env, Settings(delta=0.02, canary_every=0))
     lab.measure_noise()
-    event = lab.experiment(Proposal(patch=FAST, hypothesis="drop volatile"))
+    event = lab.experiment(Proposal(patch=TWO, hypothesis="two chains"))
     assert event["verdict"]["status"] == "KEEP", event["verdict"]
     return lab
 
 
 @pytest.fixture
 def bundle(cdot, cdot_repo):
-    _slow_incumbent(cdot_repo, cdot)
     lab = _kept_run(cdot, cdot_repo, get("native"))
     return export(lab.folder.path, cdot), cdot
 
@@ -47,9 +42,10 @@ def test_native_bundle_reproduces_bit_for_bit(bundle, tmp_path):
     assert data["patch"].startswith("diff --git a/work.c b/work.c")
     assert data["oracle_seeds"] and data["output_hashes"] and data["pairs"]
     report = reproduce(path, harness, get("native"), tmp_path / "repro")
-    assert report["ok"], report
+    assert report["ok"], {k: report[k] for k in ("failed", "speedup_recorded", "speedup_now", "verdict_recorded",
+                                                 "artifact_identical", "outputs_identical", "correct")}
     assert report["artifact_identical"] and report["outputs_identical"] and report["correct"]
-    assert report["verdict_now"] == "KEEP" and report["speedup_now"]["speedup"] > 1.5
+    assert report["verdict_now"] == "KEEP" and report["speedup_now"]["speedup"] > 1.3
 
 
 def test_truncated_bundle_refused(bundle, tmp_path):
@@ -61,12 +57,16 @@ def test_truncated_bundle_refused(bundle, tmp_path):
     assert not (tmp_path / "r" / "candidate").exists()
 
 
-def _rewrite(path, tmp_path, change):
+def _rewrite(path, tmp_path, change, redigest=True):
+    """The bundle with bundle.json changed; its digest recomputed unless redigest is False (an
+    attacker can recompute it: the digest catches damage, re-measurement catches lies)."""
     src = tmp_path / "unpacked"
     with tarfile.open(path) as tar:
         tar.extractall(src)
     data = json.loads((src / "bundle.json").read_text())
     change(data)
+    if redigest:
+        data["digest"] = content_digest(data)
     (src / "bundle.json").write_text(json.dumps(data))
     out = tmp_path / "changed.tar.gz"
     with tarfile.open(out, "w:gz") as tar:
@@ -114,7 +114,6 @@ def test_reproduce_inside_the_pulled_image(published, docker_client, tmp_path):
     git(repo, "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "base")
     git(repo, "config", "user.email", "t@e")
     git(repo, "config", "user.name", "t")
-    _slow_incumbent(repo, harness)
     lab = _kept_run(harness, repo, DockerEnv(harness, image=record["image"]))
     assert "@sha256:" in lab.folder.meta["environment"]
     path = export(lab.folder.path, harness)
@@ -131,7 +130,6 @@ def test_a_bundle_measured_on_a_chosen_model_reproduces_only_on_that_model(cdot,
     model = tmp_path / "half.txt"
     model.write_text(f"{1 << 17}\n")
     cdot.use_model(model)
-    _slow_incumbent(cdot_repo, cdot)
     path = export(_kept_run(cdot, cdot_repo, get("native")).folder.path, cdot)
     assert json.load(tarfile.open(path).extractfile("bundle.json"))["fingerprint"]["model"]["elements"] == 1 << 17
 
