@@ -99,6 +99,7 @@ class DeviceWeights:
         for n in NAMES:
             self.arena[n].copy_(torch.from_numpy(np.ascontiguousarray(weights[n], dtype=np.float32).reshape(-1)))
         self.pristine = self.arena.mem.clone()
+        torch.cuda.synchronize()  # in place before any launch on the launcher's own stream
 
     def ptr(self, name: str) -> int:
         return self.arena[name].data_ptr()
