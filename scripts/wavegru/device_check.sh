@@ -18,6 +18,15 @@ case "${STAGE:-tests}" in
   tests)
     timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -q -p no:cacheprovider tests/test_wavegru_gpu.py -rA ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" ;;
   measure)
-    /usr/bin/time -v timeout 200 python3 -m lab.cli noise wavegru --json >"$OUT/noise.json" 2>"$OUT/noise.log"; tail -5 "$OUT/noise.log"; head -c 1500 "$OUT/noise.json"; echo
-    timeout "${BENCH_TIMEOUT:-300}" python3 scripts/wavegru/bench.py --json "$OUT/bench_h200.json" --pairs "${PAIRS:-20}" 2>&1 | tee "$OUT/bench.log" ;;
+    W=$(mktemp -d); cp "$OUT/gpu.txt" "$OUT/sandbox.txt" "$W/"
+    /usr/bin/time -f "noise wall %e s" timeout 200 python3 -m lab.cli noise wavegru --json >"$W/noise.json" 2>"$W/noise.log"
+    tail -3 "$W/noise.log"; cat "$W/noise.json"; echo
+    python3 -c 'import json,sys,shutil; shutil.copy(json.load(open(sys.argv[1]))["record"], sys.argv[2])' "$W/noise.json" "$W/noise_record.json"
+    for p in ${BENCH_PATCHES:-input_table}; do
+      rm -rf /tmp/src_$p && mkdir -p /tmp/src_$p && cp harnesses/wavegru/kernel.cu /tmp/src_$p/ && (cd /tmp/src_$p && git apply "$OLDPWD/harnesses/wavegru/solutions/correct/$p.patch")
+      /usr/bin/time -f "bench $p wall %e s" timeout 120 python3 -m lab.cli bench wavegru --src /tmp/src_$p --json >"$W/bench_$p.json" 2>"$W/bench_$p.log"
+      tail -2 "$W/bench_$p.log"; python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ("status","reason","ratio","ci_low","ci_high","pairs","verdict")})' "$W/bench_$p.json" 2>&1 | head -c 1500; echo
+    done
+    timeout "${BENCH_TIMEOUT:-200}" python3 scripts/wavegru/bench.py --json "$W/bench_h200.json" --pairs "${PAIRS:-20}" >"$W/bench.log" 2>&1; tail -6 "$W/bench.log"
+    tar czf "$OUT/measure.tgz" -C "$W" . ;;
 esac
