@@ -72,6 +72,8 @@ def test_baseline_passes_the_oracle(wavegru, tmp_path):
 
 def test_baseline_against_itself_is_not_keep(wavegru, tmp_path):
     out = run_evaluation(wavegru, HARNESS, tmp_path / "w", env=get("native"), mode="aa", timeout_s=TIMEOUT_S)
+    print(f"A/A: {out.verdict.status} {out.verdict.reason[:300]} | evaluation {out.evaluation.seconds:.1f} s, "
+          f"oracle {out.evaluation.check.seconds:.1f} s, {len(out.evaluation.pairs)} pairs")
     assert out.evaluation.pairs, out.stderr_tail
     assert out.verdict.status != "KEEP", out.verdict
     assert out.evaluation.candidate_build.info.get("registers"), "ptxas report parsed"
@@ -82,6 +84,10 @@ def test_solution_verdict(wavegru, name, tmp_path):
     tree = patched(HARNESS / "solutions" / name, tmp_path)
     out = run_evaluation(wavegru, tree, tmp_path / "w", env=get("native"), incumbent_tree=HARNESS,
                          timeout_s=TIMEOUT_S)
+    ev = out.evaluation
+    print(f"{name}: {out.verdict.status} {out.verdict.reason[:300]} | evaluation {ev.seconds:.1f} s, "
+          f"build {getattr(ev.candidate_build, 'seconds', 0):.1f} s, oracle {getattr(ev.check, 'seconds', 0) or 0:.1f} s, "
+          f"{len(ev.pairs)} pairs")
     assert out.verdict.status == VERDICT[EXPECTED[name]], (out.verdict, out.evaluation.reason, out.stderr_tail)
     reason = f"{out.verdict.reason} {out.evaluation.reason}"
     if name in CAUGHT_BY:

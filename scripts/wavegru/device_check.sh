@@ -15,6 +15,12 @@ if ! python3 -c 'from lab import sandbox; sandbox.check_available(); print("sand
 fi
 cat "$OUT/sandbox.txt"
 case "${STAGE:-tests}" in
+  all)
+    timeout "${TEST_TIMEOUT:-430}" python3 -m pytest -q -p no:cacheprovider tests/test_wavegru_gpu.py -rA ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log"
+    W=$OUT/measure; mkdir -p "$W"
+    /usr/bin/time -f "noise wall %e s" timeout 100 python3 -m lab.cli noise wavegru --json >"$W/noise.json" 2>"$W/noise.log"
+    tail -3 "$W/noise.log"; cat "$W/noise.json"; echo
+    python3 -c 'import json,sys,shutil; shutil.copy(json.load(open(sys.argv[1]))["record"], sys.argv[2])' "$W/noise.json" "$W/noise_record.json" ;;
   tests)
     timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -q -p no:cacheprovider tests/test_wavegru_gpu.py -rA ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" ;;
   measure)
