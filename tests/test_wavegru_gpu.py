@@ -102,6 +102,7 @@ def test_never_ending_compile_is_ended_with_its_tree(wavegru, tmp_path):
     names = [n for n, v in EXPECTED.items() if v == "BUILD_LIMIT"]
     assert names
     for name in names:
+        (tmp_path / name.replace("/", "_")).mkdir()
         tree = patched(HARNESS / "solutions" / name, tmp_path / name.replace("/", "_"))
         wavegru.build_limit_s = BUILD_LIMIT_TEST_S
         try:

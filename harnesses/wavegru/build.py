@@ -12,7 +12,8 @@ path /stage, its only writable place; nvcc runs there with the harness's flags. 
 
 A build past the time limit ends with its whole process tree (the sandbox's PID namespace, or
 its process group when the sandbox is off). The fixed /stage path also makes the cubin
-bit-identical whatever folder the lab runs in (-lineinfo records the compilation folder); with
+bit-identical whatever folder the lab runs in (-lineinfo records the compilation folder, and
+the files' modification times, which the stage sets to one fixed value); with
 `LAB_SANDBOX=off` a fixed host folder, taken under a lock, stands in for it.
 """
 
@@ -31,7 +32,8 @@ from pathlib import Path
 from lab import sandbox
 
 STAGE_INSIDE = "/stage"
-SOURCES = ("kernel.cu", "wavegru.h")  # the only files a build sees besides the toolchain
+SOURCES = ("kernel.cu", "wavegru.h")
+FIXED_MTIME = 946684800  # 2000-01-01: the staged files' time, so that it cannot reach the cubin  # the only files a build sees besides the toolchain
 # Where the C and C++ standard headers live (the host compiler's own include folder included).
 SYSTEM_HEADER_ROOTS = ("/usr/include", "/usr/lib/gcc", "/usr/local/include")
 
@@ -146,6 +148,8 @@ def sealed_nvcc(nvcc: str, flags: list[str], dep_flags: list[str], kernel: bytes
     with private_stage() as (stage, inside, scratch):
         (stage / "kernel.cu").write_bytes(kernel)
         (stage / "wavegru.h").write_bytes(header)
+        for name in SOURCES:  # -lineinfo records each file's mtime too: one fixed time for all
+            os.utime(stage / name, (FIXED_MTIME, FIXED_MTIME))
         off = inside == str(stage)
         binds = [sandbox.Bind(stage, inside=None if off else inside, writable=True),
                  sandbox.Bind(scratch, inside=None if off else "/tmp", writable=True)]  # nvcc's temporaries

@@ -21,6 +21,13 @@ case "${STAGE:-tests}" in
     /usr/bin/time -f "noise wall %e s" timeout 100 python3 -m lab.cli noise wavegru --json >"$W/noise.json" 2>"$W/noise.log"
     tail -3 "$W/noise.log"; cat "$W/noise.json"; echo
     python3 -c 'import json,sys,shutil; shutil.copy(json.load(open(sys.argv[1]))["record"], sys.argv[2])' "$W/noise.json" "$W/noise_record.json" ;;
+  bench)  # one `lab bench` per correct patch (incumbent: the baseline), records under $OUT/bench
+    W=$OUT/bench; mkdir -p "$W"
+    for p in ${BENCH_PATCHES:-input_table}; do
+      rm -rf /tmp/src_$p && mkdir -p /tmp/src_$p && cp harnesses/wavegru/kernel.cu /tmp/src_$p/ && (cd /tmp/src_$p && git apply "$OLDPWD/harnesses/wavegru/solutions/correct/$p.patch")
+      /usr/bin/time -f "bench $p wall %e s" timeout 120 python3 -m lab.cli bench wavegru --src /tmp/src_$p --json >"$W/bench_$p.json" 2>"$W/bench_$p.log"
+      tail -1 "$W/bench_$p.log"; head -c 600 "$W/bench_$p.json"; echo
+    done ;;
   tests)
     timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -q -p no:cacheprovider tests/test_wavegru_gpu.py -rA ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" ;;
   measure)
