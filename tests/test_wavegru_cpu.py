@@ -148,7 +148,7 @@ def test_near_tie_is_validated(wg, calib):
 
 
 def _teacher(o, t, p=None, h0=None):
-    return o.compare_teacher(t.p[:, 0] if p is None else p, t.h0[0] if h0 is None else h0, t.h1[0],
+    return o.compare_outputs(t.p[:, 0] if p is None else p, t.h0[0] if h0 is None else h0, t.h1[0],
                              t.p[:, 0], t.h0[0], t.h1[0], t.threshold_gap[:, 0])
 
 
@@ -156,7 +156,7 @@ def test_teacher_logic(wg, calib):
     o, t64, t32 = wg["oracle"], calib["t64"], calib["t32"]
     assert _teacher(o, t64).passed
     # the fp32 reference as the candidate against the fp64 one: a correct kernel's numbers
-    c = o.compare_teacher(t32.p[:, 0], t32.h0[0], t32.h1[0], t64.p[:, 0], t64.h0[0], t64.h1[0], t64.threshold_gap[:, 0])
+    c = o.compare_outputs(t32.p[:, 0], t32.h0[0], t32.h1[0], t64.p[:, 0], t64.h0[0], t64.h1[0], t64.threshold_gap[:, 0])
     assert c.passed and c.p_max < 1e-5
     p = t64.p[:, 0].astype(np.float32).copy()
     clear = int(np.argmax(t64.threshold_gap[:, 0]))

@@ -5,8 +5,10 @@ solution patch, each verdict asserted."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,17 @@ EXPECTED = json.loads((HARNESS / "solutions" / "expected.json").read_text())
 TIMEOUT_S = 240
 # expected.json's words -> the lab's verdict for a candidate timed against the baseline
 VERDICT = {"pass": "KEEP", "FAIL": "FAIL", "CRASH": "CRASH", "TIMEOUT": "TIMEOUT"}
+# What must have caught each cheat of issue 15 (a word of the verdict's reason): the right
+# guard, not merely some failure.
+CAUGHT_BY = {
+    "wrong/t_dependent.patch": "timed",  # the oracle at the timed shape
+    "wrong/clock_exit.patch": "timed",
+    "wrong/launch_count.patch": "timed sample",  # passes the oracle; a timed sample fails
+    "wrong/generate_shortcut.patch": "generate_outputs",
+    "wrong/include_outside.patch": "includes /etc/passwd",
+    "wrong/oob_write.patch": "past the end of tokens",
+}
+BUILD_LIMIT_TEST_S = 20.0
 
 
 def _gpu_reason() -> str | None:
@@ -59,17 +72,72 @@ def test_baseline_passes_the_oracle(wavegru, tmp_path):
 
 def test_baseline_against_itself_is_not_keep(wavegru, tmp_path):
     out = run_evaluation(wavegru, HARNESS, tmp_path / "w", env=get("native"), mode="aa", timeout_s=TIMEOUT_S)
+    print(f"A/A: {out.verdict.status} {out.verdict.reason[:300]} | evaluation {out.evaluation.seconds:.1f} s, "
+          f"oracle {out.evaluation.check.seconds:.1f} s, {len(out.evaluation.pairs)} pairs")
     assert out.evaluation.pairs, out.stderr_tail
     assert out.verdict.status != "KEEP", out.verdict
     assert out.evaluation.candidate_build.info.get("registers"), "ptxas report parsed"
 
 
-@pytest.mark.parametrize("name", sorted(n for n, v in EXPECTED.items() if v != "TIMEOUT"))
+@pytest.mark.parametrize("name", sorted(n for n, v in EXPECTED.items() if v in VERDICT and v != "TIMEOUT"))
 def test_solution_verdict(wavegru, name, tmp_path):
     tree = patched(HARNESS / "solutions" / name, tmp_path)
     out = run_evaluation(wavegru, tree, tmp_path / "w", env=get("native"), incumbent_tree=HARNESS,
                          timeout_s=TIMEOUT_S)
+    ev = out.evaluation
+    print(f"{name}: {out.verdict.status} {out.verdict.reason[:300]} | evaluation {ev.seconds:.1f} s, "
+          f"build {getattr(ev.candidate_build, 'seconds', 0):.1f} s, oracle {getattr(ev.check, 'seconds', 0) or 0:.1f} s, "
+          f"{len(ev.pairs)} pairs")
     assert out.verdict.status == VERDICT[EXPECTED[name]], (out.verdict, out.evaluation.reason, out.stderr_tail)
+    reason = f"{out.verdict.reason} {out.evaluation.reason}"
+    if name in CAUGHT_BY:
+        assert CAUGHT_BY[name] in reason, reason
+    if name == "wrong/include_outside.patch":  # one line, quoting nothing of the file
+        error = out.evaluation.candidate_build.error
+        assert "\n" not in error and "root:" not in reason + error + out.evaluation.candidate_build.report, error
+
+
+def test_never_ending_compile_is_ended_with_its_tree(wavegru, tmp_path):
+    """A build past the limit: nvcc's whole tree ended, the verdict within 10 s of the limit."""
+    names = [n for n, v in EXPECTED.items() if v == "BUILD_LIMIT"]
+    assert names
+    for name in names:
+        (tmp_path / name.replace("/", "_")).mkdir()
+        tree = patched(HARNESS / "solutions" / name, tmp_path / name.replace("/", "_"))
+        wavegru.build_limit_s = BUILD_LIMIT_TEST_S
+        try:
+            t0 = time.monotonic()
+            build = wavegru.build(tree, tmp_path / "out")
+            took = time.monotonic() - t0
+        finally:
+            wavegru.build_limit_s = type(wavegru).build_limit_s
+        assert not build.ok and "build limit" in build.error, build.error
+        assert took <= BUILD_LIMIT_TEST_S + 10, took
+        time.sleep(1)
+        left = [pid for pid in os.listdir("/proc") if pid.isdigit() and _compiles(pid)]
+        assert not left, f"compiler processes outlived the build: {left}"
+
+
+def _compiles(pid: str) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return b"kernel.cu" in cmd and (b"/stage" in cmd or b"lab-wavegru-build" in cmd)
+
+
+def test_cubin_is_the_same_in_any_folder(wavegru, tmp_path):
+    """The sealed build compiles at a fixed path (/stage; a fixed folder of this user with the
+    sandbox off): two source folders, one cubin (issue 17, item 6)."""
+    shas = []
+    for sub in ("one", "deeper/two"):
+        tree = tmp_path / sub / "src"
+        tree.mkdir(parents=True)
+        shutil.copy(HARNESS / "kernel.cu", tree / "kernel.cu")
+        build = wavegru.build(tree, tmp_path / sub / "out")
+        assert build.ok, build.error
+        shas.append(build.artifact_sha256)
+    assert shas[0] == shas[1], shas
 
 
 def test_gpu_usable_after_hang(wavegru, tmp_path):

@@ -1,11 +1,14 @@
-"""Running the kernel once: fresh buffers at fresh addresses, sentinel-filled outputs, a zeroed
-workspace, CUDA events around the launch and a host clock beside them, a watchdog deadline."""
+"""Running the kernel once, the same way for the oracle and for timing: fresh buffers at fresh
+addresses, each between guard regions checked after the launch, sentinel-filled outputs, a
+zeroed workspace, inputs (weights, noise, teacher tokens) proven unchanged after the launch,
+everything scrubbed once read, CUDA events around the launch and a host clock beside them, a
+watchdog deadline."""
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,6 +31,7 @@ class Outputs:
     h1: np.ndarray  # float32 [B, H]
     seconds: float  # device time between the events around the launch
     wall_seconds: float  # host time from just before the launch to the completion seen
+    problems: list = field(default_factory=list)  # guards written, inputs changed
 
 
 def _torch():
@@ -36,26 +40,80 @@ def _torch():
     return require("torch")
 
 
-def fresh(torch, n: int, dtype, device="cuda"):
-    """A buffer of n elements at a fresh address: a random 256-byte-aligned offset into a
-    slightly larger allocation, so that nothing can key a cache on the pointer."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    pad = random.randrange(0, 64) * (256 // elem)
-    return torch.empty(n + pad, dtype=dtype, device=device)[pad:]
+GUARD_BYTES = 64 << 10  # before and after every buffer the kernel gets
+ALIGN = 256
+
+
+class Arena:
+    """Every buffer of one launch (or one weight set) in one fresh allocation, each between two
+    guard regions filled with a word drawn for this arena. The first buffer starts at a random
+    256-byte-aligned offset, so that nothing can key a cache on an address. `guard_problems`
+    names every guard a kernel wrote (a store past the end or before the start of a buffer)."""
+
+    def __init__(self, torch, buffers: list[tuple[str, int, object]], device="cuda"):
+        self.torch = torch
+        offset = random.randrange(0, 64) * ALIGN
+        self.spans, self.guards = {}, []
+        for name, n, dtype in buffers:
+            nbytes = n * torch.empty((), dtype=dtype).element_size()
+            self.guards.append((offset, offset + GUARD_BYTES, name))
+            offset += GUARD_BYTES
+            self.spans[name] = (offset, nbytes, dtype, n)
+            offset += -(-nbytes // ALIGN) * ALIGN
+        self.guards.append((offset, offset + GUARD_BYTES, None))
+        self.mem = torch.empty(offset + GUARD_BYTES, dtype=torch.uint8, device=device)
+        self.word = random.getrandbits(32) - (1 << 31)
+        for lo, hi, _ in self.guards:
+            self.mem[lo:hi].view(torch.int32).fill_(self.word)
+
+    def __getitem__(self, name: str):
+        off, nbytes, dtype, n = self.spans[name]
+        return self.mem[off:off + nbytes].view(dtype)
+
+    def guard_problems(self) -> list[str]:
+        torch = self.torch
+        bad = torch.stack([(self.mem[lo:hi].view(torch.int32) != self.word).any() for lo, hi, _ in self.guards]).cpu()
+        names = list(self.spans)
+        out = []
+        for i, flag in enumerate(bad.tolist()):
+            if flag:
+                after = names[i - 1] if i > 0 else None
+                before = self.guards[i][2]
+                where = " and ".join(x for x in (f"past the end of {after}" if after else "",
+                                                 f"before the start of {before}" if before else "") if x)
+                out.append(f"a write {where} (guard region overwritten)")
+        return out
+
+    def scrub(self) -> None:
+        """Overwrite everything once the outputs are read: no later launch finds them."""
+        self.mem.fill_(0xA5)
 
 
 class DeviceWeights:
+    """One weight set on the device between guards, with a pristine copy to prove after every
+    launch that the kernel left its inputs alone (no state hidden in them across launches)."""
+
     def __init__(self, weights: dict):
         torch = _torch()
-        self.t = {n: fresh(torch, weights[n].size, torch.float32).copy_(
-            torch.from_numpy(np.ascontiguousarray(weights[n]).reshape(-1))) for n in NAMES}
+        self.arena = Arena(torch, [(n, weights[n].size, torch.float32) for n in NAMES])
+        for n in NAMES:
+            self.arena[n].copy_(torch.from_numpy(np.ascontiguousarray(weights[n], dtype=np.float32).reshape(-1)))
+        self.pristine = self.arena.mem.clone()
+        torch.cuda.synchronize()  # in place before any launch on the launcher's own stream
 
     def ptr(self, name: str) -> int:
-        return self.t[name].data_ptr()
+        return self.arena[name].data_ptr()
+
+    def problems(self) -> list[str]:
+        out = [p + " of the weights" for p in self.arena.guard_problems()]
+        if not self.arena.torch.equal(self.arena.mem, self.pristine):
+            out.append("the weights were written (inputs are read-only)")
+        return out
 
 
 class Launcher:
-    """Owns the stream and the events; launches one loaded module."""
+    """Owns the stream and the events; launches one loaded module. Every launch, oracle or
+    timed, goes through `run`: the same buffers, guards and checks."""
 
     def __init__(self, module: Module):
         torch = _torch()
@@ -72,23 +130,31 @@ class Launcher:
         if Vn != V:
             raise ValueError(f"noise has V={Vn}")
         with torch.cuda.stream(self.stream):
-            g = fresh(torch, T * B * V, torch.float32)
-            g.copy_(torch.as_tensor(noise).reshape(-1), non_blocking=False)
-            tch = None
+            src = torch.as_tensor(noise, device="cuda").reshape(-1)
+            bufs = [("noise", T * B * V, torch.float32), ("teacher", T * B, torch.int32),
+                    ("tokens", T * B, torch.int32), ("p", T * B, torch.int32), ("h0", B * H, torch.int32),
+                    ("h1", B * H, torch.int32), ("workspace", WORKSPACE_BYTES, torch.uint8)]
+            arena = Arena(torch, bufs)
+            arena["noise"].copy_(src)
+            tch_src = None
             if teacher is not None:
-                tch = fresh(torch, T * B, torch.int32)
-                tch.copy_(torch.as_tensor(np.ascontiguousarray(teacher, dtype=np.int32)).reshape(-1))
-            tokens = fresh(torch, T * B, torch.int32).fill_(SENTINEL_TOKEN)
-            p = fresh(torch, T * B, torch.int32).fill_(SENTINEL_FLOAT_BITS)
-            h0 = fresh(torch, B * H, torch.int32).fill_(SENTINEL_FLOAT_BITS)
-            h1 = fresh(torch, B * H, torch.int32).fill_(SENTINEL_FLOAT_BITS)
-            ws = fresh(torch, WORKSPACE_BYTES, torch.uint8).zero_()
+                tch_src = torch.as_tensor(np.ascontiguousarray(teacher, dtype=np.int32)).reshape(-1).cuda()
+                arena["teacher"].copy_(tch_src)
+            else:
+                arena["teacher"].fill_(SENTINEL_TOKEN)
+            for k in ("tokens",):
+                arena[k].fill_(SENTINEL_TOKEN)
+            for k in ("p", "h0", "h1"):
+                arena[k].fill_(SENTINEL_FLOAT_BITS)
+            arena["workspace"].zero_()
         prm = Params()
         for n in NAMES:
             setattr(prm, n, weights.ptr(n))
-        prm.noise, prm.teacher = g.data_ptr(), (tch.data_ptr() if tch is not None else None)
-        prm.tokens, prm.p, prm.h0_out, prm.h1_out = tokens.data_ptr(), p.data_ptr(), h0.data_ptr(), h1.data_ptr()
-        prm.workspace = ws.data_ptr()
+        prm.noise = arena["noise"].data_ptr()
+        prm.teacher = arena["teacher"].data_ptr() if teacher is not None else None
+        prm.tokens, prm.p = arena["tokens"].data_ptr(), arena["p"].data_ptr()
+        prm.h0_out, prm.h1_out = arena["h0"].data_ptr(), arena["h1"].data_ptr()
+        prm.workspace = arena["workspace"].data_ptr()
         prm.T, prm.B, prm.mode = T, B, mode
         prm.temperature = TEMPERATURE
         prm.log_min_p = log_min_p(MIN_P, False)
@@ -102,11 +168,19 @@ class Launcher:
         t1 = self.end.wait(deadline_s, what)
         seconds = self.end.elapsed_ms(self.start) / 1e3
         try:
-            out = Outputs(tokens=tokens.cpu().numpy().reshape(T, B),
-                          p=p.view(torch.float32).cpu().numpy().reshape(T, B),
-                          h0=h0.view(torch.float32).cpu().numpy().reshape(B, H),
-                          h1=h1.view(torch.float32).cpu().numpy().reshape(B, H),
-                          seconds=seconds, wall_seconds=t1 - t0)
+            with torch.cuda.stream(self.stream):
+                problems = arena.guard_problems() + weights.problems()
+                if not torch.equal(arena["noise"], src):
+                    problems.append("the noise was written (inputs are read-only)")
+                if tch_src is not None and not torch.equal(arena["teacher"], tch_src):
+                    problems.append("the teacher tokens were written (inputs are read-only)")
+                out = Outputs(tokens=arena["tokens"].cpu().numpy().reshape(T, B),
+                              p=arena["p"].view(torch.float32).cpu().numpy().reshape(T, B),
+                              h0=arena["h0"].view(torch.float32).cpu().numpy().reshape(B, H),
+                              h1=arena["h1"].view(torch.float32).cpu().numpy().reshape(B, H),
+                              seconds=seconds, wall_seconds=t1 - t0, problems=problems)
+                arena.scrub()
+            self.stream.synchronize()
         except RuntimeError as exc:  # a sticky CUDA error surfaces at the copy
             raise KernelError(f"{what}: {exc}") from None
         return out

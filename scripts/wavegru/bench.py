@@ -64,8 +64,9 @@ def evaluation(h, incumbent: bytes, candidate: bytes, pairs: int) -> dict:
         t_build = time.perf_counter() - t0
         chk = h.check(b, [secrets.randbits(63) for _ in range(2)])
         la, lb = h.load(a), h.load(b)
-        h.sample(la, secrets.randbits(63))  # warm-up, discarded
-        h.sample(lb, secrets.randbits(63))
+        warm = secrets.randbits(63)  # warm-up, discarded (both sides on one seed: a settled pair)
+        h.sample(la, warm)
+        h.sample(lb, warm)
         rows = []
         for i in range(pairs):
             order = random.choice(("AB", "BA"))
@@ -86,7 +87,7 @@ def evaluation(h, incumbent: bytes, candidate: bytes, pairs: int) -> dict:
             "all_samples_ok": all(r["A"]["ok"] and r["B"]["ok"] for r in rows),
             "incumbent_sps": steps / med(sa), "candidate_sps": steps / med(sb),
             "incumbent_us_per_step": med(sa) / steps * 1e6, "candidate_us_per_step": med(sb) / steps * 1e6,
-            "candidate_build_info": b.info, "pairs": rows}
+            "candidate_build_info": b.info, "adjudications_so_far": h.timed_pairs.adjudications, "pairs": rows}
 
 
 def reference_timing(h) -> dict:
