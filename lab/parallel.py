@@ -514,12 +514,8 @@ class ParallelLab(Lab):
                     self._stop = f"the agent cannot go on: {exc}"
                     return None
                 if proposal.failure:
-                    self.folder.append("agent_failed", reason=proposal.failure, cost_usd=proposal.cost_usd)
-                    if getattr(agent, "exhausted", False):
-                        self._stop = "the agent has no more proposals"
-                        return None
-                    if self._recent_agent_failures() >= s.max_consecutive_failures:
-                        self._stop = f"{s.max_consecutive_failures} proposals in a row failed"
+                    self._stop = self._agent_failed(agent, proposal)  # the sequential loop's rules
+                    if self._stop:
                         return None
                     continue
                 return proposal, self._record_proposal(proposal, state.proposed + 1), None
@@ -535,16 +531,15 @@ class ParallelLab(Lab):
                     self.canary(at=job[1])
                     continue
                 self.experiment_on(slot, *job)
-                state = self.state()
-                s = self.settings
-                if s.plateau_after and state.since_keep and state.since_keep % s.plateau_after == 0:
-                    self.folder.append("plateau", text=f"{state.since_keep} evaluations without a keep")
+                with self.agent_lock:  # streaks and plateaus: the sequential loop's rules
+                    self._after_experiment(agent)
         except BaseException as exc:  # stop the others; the run folder stays resumable
             self._errors.append(exc)
 
     def loop(self, agent: Agent, started: float | None = None) -> str:
-        started = started or time.monotonic()
+        started = started or self.clock.now()
         deadline = started + self.settings.budget_s
+        self._deadline = deadline
         with self.lock:
             for slot in self.slots:
                 self._slot_workspace(slot)
