@@ -409,6 +409,9 @@ def reproduce(bundle, env_name, harness_ref, model_path, runs_dir, as_json):
     sys.exit(0 if report["ok"] else 1)
 
 
+DEFAULT_MAX_USD = 100.0  # the run's default spend limit: about three times the estimate of an 8 h run
+
+
 def parse_duration(text: str) -> float:
     """'8h', '45m', '90s', '1h30m' -> seconds."""
     import re
@@ -424,11 +427,24 @@ def parse_duration(text: str) -> float:
 @click.argument("harness", required=False)
 @click.option("--budget", default="8h", show_default=True, help="wall-clock budget, e.g. 8h, 45m")
 @click.option("--max-experiments", type=int, default=0, help="stop after this many proposals")
-@click.option("--max-usd", type=float, default=0.0, help="stop when the agent has spent this much")
+@click.option("--max-usd", type=float, default=DEFAULT_MAX_USD, show_default=True,
+              help="stop when the agent has spent this much (USD, the whole run; 0: no limit); "
+                   "the estimated cost is printed at start")
 @click.option("--agent", "agent_spec", default="anthropic", show_default=True,
               help="anthropic | command:CMD | replay:FILE")
 @click.option("--agent-model", "agent_model", default=None,
               help="model id for the anthropic agent (or --agent anthropic:MODEL)")
+@click.option("--agent-effort", type=click.Choice(["low", "medium", "high", "xhigh", "max", "off"]), default=None,
+              help="the anthropic agent's effort for proposals (research one level higher) "
+                   "[default: medium, research high]")
+@click.option("--agent-max-tokens", type=int, default=None,
+              help="output limit of one response, thinking included (streamed) [default: 32000]")
+@click.option("--no-thinking", is_flag=True, help="send no thinking setting (the model's own default) instead of adaptive thinking")
+@click.option("--max-episode-usd", type=float, default=None,
+              help="end one proposal's episode when it has cost this much [default: 5]")
+@click.option("--max-api-wait", default="30m", show_default=True,
+              help="how long one API outage (529, 429, 5xx, connection) is waited out before that "
+                   "proposal is given up (the run goes on)")
 @MODEL_OPTION
 @click.option("--web-search", is_flag=True, help="let the research step use the API's web search")
 @click.option("--delta", type=float, help="decision threshold as a fraction (default: from the noise floor)")
@@ -443,7 +459,8 @@ def parse_duration(text: str) -> float:
 @click.option("--quiet", is_flag=True)
 @ENV_OPTION
 @RUNS_OPTION
-def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, model_path, web_search, delta,
+def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agent_effort, agent_max_tokens,
+        no_thinking, max_episode_usd, max_api_wait, model_path, web_search, delta,
         gpu_index, gpus_text, executor, address, resume_path, quiet, env_name, runs_dir):
     """The main job: let an agent hill-climb HARNESS until a budget ends."""
     from .agents import make_agent
@@ -452,6 +469,7 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, mode
     from .loop import Lab, Settings
 
     budget_s = parse_duration(budget)  # bad input is refused before anything starts
+    api_wait_s = parse_duration(max_api_wait)
     earlier = {}
     if resume_path:
         from .store import RunFolder
@@ -471,7 +489,9 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, mode
     h.preflight()  # no GPU: stop now, before an agent or a run folder exists
     env = get(env_name, h)
     env.preflight()
-    agent = make_agent(agent_spec, model=agent_model, web_search=web_search)  # no key: stops here
+    agent = make_agent(agent_spec, model=agent_model, web_search=web_search, effort=agent_effort,
+                       max_tokens=agent_max_tokens, thinking=not no_thinking, max_episode_usd=max_episode_usd,
+                       max_api_wait_s=api_wait_s)  # no key: stops here
     settings = Settings(budget_s=budget_s, max_experiments=max_experiments, max_usd=max_usd,
                         delta=delta, env=env_name, gpu_index=gpu_index, agent=agent_spec, model=agent_model,
                         gpus=gpus, executor=executor, address=address)
@@ -491,6 +511,7 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, mode
         lab.attach(workers, slots)
     view.lab = lab
     click.echo(f"run folder: {lab.folder.path} (branch {lab.folder.meta['branch']})")
+    _print_agent_plan(agent, budget_s, max_usd)
     started = time.monotonic()
     if quiet:
         reason = lab.loop(agent, started=started)
@@ -517,6 +538,26 @@ def skypilot(harness, out, accelerators, nodes, image):
     out = out or Path(f"{h.name}.sky.yaml")
     out.write_text(skypilot_task(h, accelerators=accelerators, nodes=nodes, image=image))
     click.echo(f"wrote {out}; start it with `sky launch -c lab-{h.name} {out}`")
+
+
+def _print_agent_plan(agent, budget_s: float, max_usd: float) -> None:
+    """The model settings and the estimated cost of the run, before it spends anything."""
+    settings = getattr(agent, "settings", None)
+    if not callable(settings):
+        return
+    from .agents.prices import EPISODES_PER_HOUR, TYPICAL_EPISODE, estimate_run_usd
+
+    s = settings()
+    usd, episodes = estimate_run_usd(agent.price, budget_s)
+    tokens = sum(TYPICAL_EPISODE.values())
+    thinking = ", ".join(f"{k} {v or 'off'}" for k, v in s["thinking"].items())
+    effort = ", ".join(f"{k} {v or 'off'}" for k, v in s["effort"].items())
+    click.echo(f"agent: {s['model']}, streamed, max_tokens {s['max_tokens']}, thinking ({thinking}), "
+               f"effort ({effort}), at most ${s['max_episode_usd']:.2f} an episode, API outages waited "
+               f"out up to {s['max_api_wait_s'] / 60:.0f} min")
+    click.echo(f"estimated agent cost: about ${usd:.0f} for {budget_s / 3600:.2f} h (~{episodes} episodes at "
+               f"{EPISODES_PER_HOUR} an hour, ~{tokens / 1000:.0f}k tokens each, 88% cache reads); "
+               + (f"spend limit ${max_usd:.2f} (--max-usd; 0: none)" if max_usd else "no spend limit (--max-usd 0)"))
 
 
 def _print_summary(s: dict) -> None:

@@ -275,7 +275,8 @@ class FakeAnthropic:
         last user turn), and the output is the size of the reply."""
         if entry.get("usage"):
             return dict(entry["usage"])
-        prompt = json.dumps([body.get("tools"), body.get("system"), body.get("messages")], sort_keys=True)
+        # cache_control marks where a prefix may be cached; it is no part of the prefix itself
+        prompt = json.dumps(_unmarked([body.get("tools"), body.get("system"), body.get("messages")]), sort_keys=True)
         with self._lock:
             shared = max((_common(prompt, p) for p in self._prefixes[-8:]), default=0)
             self._prefixes.append(prompt)
@@ -296,6 +297,14 @@ class FakeAnthropic:
     @property
     def bodies(self) -> list[dict]:
         return [r["body"] for r in self.requests]
+
+
+def _unmarked(value):
+    if isinstance(value, dict):
+        return {k: _unmarked(v) for k, v in value.items() if k != "cache_control"}
+    if isinstance(value, list):
+        return [_unmarked(v) for v in value]
+    return value
 
 
 def _common(a: str, b: str) -> int:
