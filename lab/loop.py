@@ -449,8 +449,7 @@ class Lab:
                     if reason:
                         break
                     continue
-                self.experiment(proposal)
-                self._after_experiment(agent)
+                self._after_experiment(agent, self.experiment(proposal))
         self.folder.append("run_stopped", reason=reason)
         self.folder.render()
         return reason
@@ -491,9 +490,12 @@ class Lab:
             self.clock.sleep(min(60.0 * (streak - n + 1), 600.0))
         return ""
 
-    def _after_experiment(self, agent: Agent) -> None:
-        """After an evaluation: a failure streak runs a canary (is it the machine?) and, if the
-        incumbent still passes, asks for a change of approach; so does a plateau."""
+    def _after_experiment(self, agent: Agent, event: dict) -> None:
+        """After an evaluation (`event`; a rejection changes no streak): a failure streak runs a
+        canary (is it the machine?) and, if the incumbent still passes, asks for a change of
+        approach; so does a plateau."""
+        if not event or event.get("type") != "evaluated":
+            return
         s, state = self.settings, self.state()
         if state.consecutive_failures and s.max_consecutive_failures and \
                 state.consecutive_failures % s.max_consecutive_failures == 0:
@@ -608,9 +610,11 @@ class Lab:
         lines = [f"oracle on public seeds {seeds}: {'PASS' if passed else 'FAIL'}"
                  + (f" ({(ev.reason or verdict.reason)[:1500]})" if not passed and (ev.reason or verdict.reason) else "")]
         lines += (ev.check.lines if ev.check else [])[:40]
-        if timing and passed and ev.pairs and verdict.median is not None:
-            lines.append(f"quick timing, {len(ev.pairs)} pairs (informative, not a verdict): "
-                         f"{math.exp(-verdict.median):.4f}x the current best")
+        if timing and passed and ev.pairs:
+            ratios = stats.log_ratios(ev.pairs)
+            if len(ratios):
+                lines.append(f"quick timing, {len(ratios)} pairs (informative, not a verdict): "
+                             f"{math.exp(-float(statistics.median(ratios))):.4f}x the current best")
         seconds = self.clock.now() - start
         self.folder.append("note", kind="draft_check", number=number, proposal=proposal, passed=passed,
                            seeds=seeds, seconds=round(seconds, 2),

@@ -530,9 +530,9 @@ class ParallelLab(Lab):
                 if job[0] == "canary":
                     self.canary(at=job[1])
                     continue
-                self.experiment_on(slot, *job)
+                event = self.experiment_on(slot, *job)
                 with self.agent_lock:  # streaks and plateaus: the sequential loop's rules
-                    self._after_experiment(agent)
+                    self._after_experiment(agent, event)
         except BaseException as exc:  # stop the others; the run folder stays resumable
             self._errors.append(exc)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import threading
 import time
 from collections import Counter
@@ -142,6 +143,12 @@ class FakeAnthropic:
 
             def log_message(self, *args):  # quiet
                 pass
+
+            def setup(self):
+                super().setup()
+                # many small writes (one per event): without this, Nagle's algorithm and the
+                # client's delayed ACKs hold each stream for tens of milliseconds
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def do_POST(self):
                 length = int(self.headers.get("content-length", 0))

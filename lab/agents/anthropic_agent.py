@@ -566,8 +566,10 @@ class AnthropicAgent(Agent):
         if isinstance(exc, sdk.APIConnectionError) or _is_transport_error(exc):
             kind = "timeout" if isinstance(exc, sdk.APITimeoutError) or "timeout" in type(exc).__name__.lower() else "connection"
             return _Transient(kind, None, self._redact(f"{type(exc).__name__}: {exc}")[:300], None)
-        if not isinstance(exc, sdk.APIError):
-            return _ApiFailure(f"api error: {type(exc).__name__}: {self._redact(str(exc))[:300]}")
+        if not isinstance(exc, sdk.APIError):  # e.g. a response the SDK cannot parse
+            text = f"{type(exc).__name__}: {self._redact(str(exc))[:300]}"
+            self._fault("unreadable_response", text, "api")
+            return _ApiFailure(f"api error: {text}")
         status = getattr(exc, "status_code", None)
         detail = self._redact(_error_detail(exc))
         etype = _error_type(exc)
