@@ -35,8 +35,7 @@ QUICK_PAIRS = 5  # pairs of a draft check's informative timing
 def public_seeds(harness: Harness) -> list[int]:
     """The oracle seeds a draft check uses: the harness's `public_seeds`, else 1..oracle_seeds.
     Public by construction: the verdict's seeds are drawn fresh and secret for every evaluation."""
-    seeds = getattr(harness, "public_seeds", None)
-    return list(seeds) if seeds else list(range(1, max(harness.oracle_seeds, 1) + 1))
+    return list(harness.public_seeds) or list(range(1, max(harness.oracle_seeds, 1) + 1))
 
 
 def _oracle_lines(event: dict, count: int = 6) -> str:
@@ -564,7 +563,8 @@ class Lab:
             shutil.rmtree(scratch)
         scratch.mkdir(parents=True)
         return AgentContext(
-            harness_name=self.harness.name, harness_root=self.harness.root,
+            # the run's worktree, not the user's checkout: the agent reads what the run holds
+            harness_name=self.harness.name, harness_root=self.workspace.tree,
             incumbent_tree=self.workspace.tree, editable=tuple(self.harness.editable),
             program_md=self.harness.program.read_text() if self.harness.program.exists() else "",
             results_tsv=(self.folder.path / "results.tsv").read_text(),
@@ -575,7 +575,7 @@ class Lab:
             memory=run_memory(events), direction=self._direction(events),
             seconds_left=(self._deadline - self.clock.now()) if getattr(self, "_deadline", None) else None,
             usd_left=(self.settings.max_usd - state.spent_usd) if self.settings.max_usd else None,
-            spent_usd=state.spent_usd, private=tuple(getattr(self.harness, "private", ()) or ()),
+            spent_usd=state.spent_usd, private=tuple(self.harness.private),
             check=self._draft_check, report=self._report,
         )
 

@@ -255,7 +255,7 @@ class AnthropicAgent(Agent):
         tree = stage_scratch(ctx)
         bench = Workbench(ctx, tree)
         transcript = Transcript(episode_path(ctx.run_dir, "episode"), secret=self._key)
-        self._report = ctx.report or (lambda type_, **payload: None)
+        self._report = ctx.report if ctx.report is not None else (lambda type_, **payload: None)
         checks = {"n": 0}
 
         def submit(args: dict):
@@ -292,7 +292,7 @@ class AnthropicAgent(Agent):
         tree = stage_scratch(ctx)
         bench = Workbench(ctx, tree)
         transcript = Transcript(episode_path(ctx.run_dir, "research"), secret=self._key)
-        self._report = ctx.report or (lambda type_, **payload: None)
+        self._report = ctx.report if ctx.report is not None else (lambda type_, **payload: None)
 
         def view_only(args: dict) -> str:
             if args.get("command") != "view":
