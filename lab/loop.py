@@ -13,6 +13,7 @@ import shutil
 import signal
 import statistics
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -438,7 +439,7 @@ class Lab:
                     continue  # the canary may have found the incumbent failing
                 self.say(f"asking the agent for proposal #{state.proposed + 1}")
                 try:
-                    proposal = agent.propose(self._context(state))
+                    proposal = self._ask(agent, state)
                 except AgentFatal as exc:
                     self.folder.append("agent_failed", reason=str(exc), fatal=True)
                     reason = f"the agent cannot go on: {exc}"
@@ -474,6 +475,19 @@ class Lab:
         return ""
 
     # --- failure streaks and plateaus: inform, change approach, never stop ------------------
+    def _ask(self, agent: Agent, state: RunState) -> Proposal:
+        """One proposal. An agent that raises (a bug, an OS error) gives a failed proposal, never
+        the run's end; only AgentFatal (no key, no credit) goes through."""
+        try:
+            return agent.propose(self._context(state))
+        except AgentFatal:
+            raise
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {str(exc)[:300]}"
+            self.folder.append("agent_fault", kind="agent_crash", text=text,
+                               traceback=traceback.format_exc(limit=10)[-4000:])
+            return Proposal(failure=f"the agent crashed: {text}")
+
     def _agent_failed(self, agent: Agent, proposal: Proposal) -> str:
         """Record a failed proposal; returns a stop reason only when the agent has nothing left.
         An API that stayed unavailable is not the agent's failure and starts no streak."""
@@ -576,7 +590,7 @@ class Lab:
             seconds_left=(self._deadline - self.clock.now()) if getattr(self, "_deadline", None) else None,
             usd_left=(self.settings.max_usd - state.spent_usd) if self.settings.max_usd else None,
             spent_usd=state.spent_usd, private=tuple(self.harness.private),
-            check=self._draft_check, report=self._report,
+            check=None if self.settings.executor == "ray" else self._draft_check, report=self._report,
         )
 
     def _report(self, type_: str, **payload) -> None:

@@ -508,7 +508,7 @@ class ParallelLab(Lab):
                     self._canaries_claimed.add(state.proposed)
                     return "canary", state.proposed
                 try:
-                    proposal = agent.propose(self._context(state))
+                    proposal = self._ask(agent, state)
                 except AgentFatal as exc:
                     self.folder.append("agent_failed", reason=str(exc), fatal=True)
                     self._stop = f"the agent cannot go on: {exc}"

@@ -114,8 +114,12 @@ def test_a_canary_that_finds_the_incumbent_failing_stops_the_run(quick, cdot_rep
 
 def test_api_outages_are_not_the_agents_failures_and_a_failing_agent_is_paused(quick, cdot_repo, clock):
     outage = [Proposal(failure="api unavailable for 30 min", api_unavailable=True)] * 5
-    lame = [Proposal(failure="submitted no change")] * 3
-    agent = Scripted(outage + lame)
+
+    def crash(ctx):
+        raise OSError("disk full")
+
+    lame = [Proposal(failure="submitted no change")] * 2
+    agent = Scripted(outage + [crash] + lame)
     lab = Lab.start(quick, cdot_repo / "runs", get("native"),
                     Settings(delta=0.05, canary_every=0, max_consecutive_failures=3))
     slept = clock.slept
@@ -127,6 +131,23 @@ def test_api_outages_are_not_the_agents_failures_and_a_failing_agent_is_paused(q
     changes = [e for e in events if e["type"] == "change_approach"]
     assert len(changes) == 1 and "3 proposals in a row failed" in changes[0]["why"]
     assert clock.slept - slept == pytest.approx(60.0)  # paused once, on the compressed clock
+    assert failed[5]["reason"] == "the agent crashed: OSError: disk full"  # a crash is a failed proposal
+    assert [e["kind"] for e in events if e["type"] == "agent_fault"] == ["agent_crash"]
+
+
+def test_the_live_view_shows_the_agents_side():
+    from lab.display import agent_rows
+
+    events = [{"type": "proposed"}, {"type": "api_wait", "text": "API overloaded (529): waiting 40 s"},
+              {"type": "agent_fault", "kind": "truncated"}, {"type": "agent_fault", "kind": "truncated"},
+              {"type": "note", "kind": "draft_check", "passed": True}, {"type": "change_approach"},
+              {"type": "api_wait", "text": "API overloaded (529): waiting 80 s, 1 min into this outage"}]
+    rows = dict(agent_rows(events))
+    assert rows["api"] == "now: API overloaded (529): waiting 80 s, 1 min into this outage; 2 wait(s) so far"
+    assert rows["faults"] == "truncated 2" and "1 draft check(s) (1 passed)" in rows["agent"]
+    assert "1 change(s) of approach" in rows["agent"]
+    rows = dict(agent_rows(events + [{"type": "api_recovered"}]))
+    assert rows["api"] == "2 wait(s) so far"
 
 
 def test_the_brief_carries_memory_time_money_and_a_recorded_draft_check(quick, cdot_repo, clock):
