@@ -412,7 +412,11 @@ def incumbent_source(ctx: AgentContext) -> str:
     """The current best version of every editable file, inlined (up to MAX_SOURCE_CHARS)."""
     parts, size = [], 0
     for rel in editable_files(Path(ctx.incumbent_tree), ctx.editable):
-        lines = _lines(Path(ctx.incumbent_tree) / rel)
+        path = Path(ctx.incumbent_tree) / rel
+        if path.stat().st_size > MAX_SOURCE_CHARS * 4:  # never read a huge file whole
+            parts.append(f"### {rel}\n(too long to inline here: view it with the editor)")
+            continue
+        lines = _lines(path)
         text = "".join(lines) if lines is not None else "(binary file)"
         if size + len(text) > MAX_SOURCE_CHARS:
             parts.append(f"### {rel}\n(too long to inline here: view it with the editor)")
