@@ -196,8 +196,10 @@ class FakeAnthropic:
                 self.send_header("content-length", str(len(data)))
                 for k, v in headers.items():
                     self.send_header(k, v)
+                self.send_header("connection", "close")  # no reuse of a connection the server is closing
                 self.end_headers()
                 self.wfile.write(data)
+                self.close_connection = True
 
             def _event(self, name: str, data: dict, slow_s: float = 0.0):
                 if slow_s and fake.clock is not None:
@@ -210,6 +212,7 @@ class FakeAnthropic:
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")
                 self.send_header("transfer-encoding", "chunked")
+                self.send_header("connection", "close")
                 self.send_header("request-id", "req_fake")
                 self.end_headers()
                 slow = entry.get("slow_s", 0.0)

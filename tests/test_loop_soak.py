@@ -228,7 +228,8 @@ def test_a_night_of_faults_compressed(cdot_repo, tmp_path, monkeypatch):
     # every fault served is recorded: each HTTP error or error mid-stream is a wait (or a give-up)
     served = sum(n for k, n in api.faults.items() if k.startswith("http_")) + api.faults["stream_error"]
     waits = [e for e in events if e["type"] == "api_wait"]
-    assert len(waits) == served > 0
+    # (a connection dropped by a loaded machine would be a wait of its own kind, recorded too)
+    assert len([w for w in waits if w["kind"] not in ("connection", "timeout")]) == served > 0
     assert {w["kind"] for w in waits} >= {"overloaded", "rate_limited", "server_error"}
     assert any(w.get("gave_up") for w in waits)  # a 40-minute outage outlasted the 30-minute wait
     assert any(e["type"] == "api_recovered" for e in events)
