@@ -162,9 +162,11 @@ class Interrupts:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        _clock.stop_waiting.set()  # an agent waiting out an API outage gives up now
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self._previous or signal.SIG_DFL)
+        _clock.stop_waiting.clear()
         return False
 
 

@@ -346,3 +346,21 @@ def test_submit_carries_what_was_learned_and_history_opens_the_past(ctx):
     assert "learned: it was wrong" in first["content"] and "FAIL" in first["content"]
     assert "no experiment #7" in second["content"]
     assert proposal.learned == "the oracle wants exact sums" and proposal.next_idea == "two accumulators"
+
+
+def test_ctrl_c_stops_a_wait_for_the_api_at_once(ctx):
+    import threading
+    import time
+
+    with FakeAnthropic([error(529, "Overloaded", retry_after=600)] * 3) as api:
+        a = agent(api)
+        timer = threading.Timer(0.3, agent_clock.stop_waiting.set)  # what the loop's first Ctrl-C does
+        timer.start()
+        started = time.monotonic()
+        try:
+            proposal = a.propose(ctx)
+        finally:
+            timer.cancel()
+            agent_clock.stop_waiting.clear()
+    assert time.monotonic() - started < 10  # not 600 s
+    assert proposal.failure.startswith("waiting for the API was interrupted") and proposal.api_unavailable

@@ -548,6 +548,8 @@ class AnthropicAgent(Agent):
                 transcript.write({"type": "api_wait", "kind": problem.kind, "status": problem.status,
                                   "attempt": attempt, "wait_s": wait, "detail": last})
             clock.sleep(wait)
+            if _clock.stop_waiting.is_set():  # Ctrl-C: the run is stopping, stop waiting for the API
+                raise _ApiFailure(f"waiting for the API was interrupted (last: {last})", unavailable=True)
 
     def _backoff(self, attempt: int, hint_s: float | None) -> float:
         """Seconds to wait before retry `attempt`: the server's hint (retry-after, rate-limit reset)

@@ -7,7 +7,12 @@ and budget in seconds (`use(FakeClock())`) while every subprocess keeps its real
 
 from __future__ import annotations
 
+import threading
 import time
+
+# Set by the loop's first Ctrl-C: whatever waits (an API back-off, a pause) returns at once, so a
+# run asked to stop never sits out a 30-minute outage first.
+stop_waiting = threading.Event()
 
 
 class Clock:
@@ -21,7 +26,7 @@ class Clock:
 
     def sleep(self, seconds: float) -> None:
         if seconds > 0:
-            time.sleep(seconds)
+            stop_waiting.wait(seconds)
 
 
 SYSTEM = Clock()
