@@ -82,7 +82,7 @@ def agent_rows(events: list[dict]) -> list[tuple[str, str]]:
     if faults:
         rows.append(("faults", ", ".join(f"{k} {n}" for k, n in sorted(faults.items()))))
     checks = [e for e in events if e.get("kind") == "draft_check"]
-    changes = sum(1 for e in events if e["type"] == "change_approach")
+    changes = sum(1 for e in events if e.get("kind") == "change_approach")
     failed = sum(1 for e in events if e["type"] == "agent_failed")
     if checks or changes or failed:
         rows.append(("agent", f"{len(checks)} draft check(s) ({sum(1 for e in checks if e.get('passed'))} passed), "

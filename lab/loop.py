@@ -526,12 +526,13 @@ class Lab:
     def _change_approach(self, agent: Agent, why: str) -> None:
         """Research again with the run memory and the log, and tell the next proposals to try a
         structurally different idea."""
-        self.folder.append("change_approach", text=why, why=why)
+        self.folder.append("note", kind="change_approach", why=why,  # a note: log.md shows it
+                           text=f"change of approach: {why}; researching again")
         self._research(agent, again=why)
 
     def _direction(self, events: list[dict]) -> str:
         """The instruction of the latest change of approach, for the CHANGE_PROPOSALS proposals after it."""
-        last = max((i for i, e in enumerate(events) if e["type"] == "change_approach"), default=None)
+        last = max((i for i, e in enumerate(events) if e.get("kind") == "change_approach"), default=None)
         if last is None or sum(1 for e in events[last:] if e["type"] == "proposed") >= CHANGE_PROPOSALS:
             return ""
         return (f"{events[last]['why']}. Step back from the ideas of the recent experiments: try a "

@@ -5,7 +5,6 @@ what never clears (stops at once), the model settings sent, the caps, the draft 
 history, and the notes a submit carries."""
 
 import datetime
-import json
 import os
 import subprocess
 import tracemalloc

@@ -84,8 +84,10 @@ def test_a_failure_streak_informs_and_never_stops(quick, cdot_repo):
     assert reason == "the agent has no more proposals"
     assert [e["verdict"]["status"] for e in events if e["type"] == "evaluated"] == ["FAIL"] * 6
     # at 3 and 6 in a row: a canary (the incumbent passes), research again, a change of approach
-    assert [e["type"] for e in events if e["type"] in ("canary", "change_approach", "research")] == [
+    assert [e.get("kind") or e["type"] for e in events
+            if e["type"] in ("canary", "research") or e.get("kind") == "change_approach"] == [
         "research", "canary", "change_approach", "research", "canary", "change_approach", "research"]
+    assert "change of approach: 3 evaluations in a row failed" in (lab.folder.path / "log.md").read_text()
     assert agent.researched == 3
     proposes = [c for kind, c in agent.contexts if kind == "propose"]
     assert proposes[2].direction == "" and "structurally different" in proposes[3].direction
@@ -128,7 +130,7 @@ def test_api_outages_are_not_the_agents_failures_and_a_failing_agent_is_paused(q
     assert reason == "the agent has no more proposals"
     failed = [e for e in events if e["type"] == "agent_failed"]
     assert [e["api_unavailable"] for e in failed] == [True] * 5 + [False] * 4
-    changes = [e for e in events if e["type"] == "change_approach"]
+    changes = [e for e in events if e.get("kind") == "change_approach"]
     assert len(changes) == 1 and "3 proposals in a row failed" in changes[0]["why"]
     assert clock.slept - slept == pytest.approx(60.0)  # paused once, on the compressed clock
     assert failed[5]["reason"] == "the agent crashed: OSError: disk full"  # a crash is a failed proposal
@@ -140,7 +142,7 @@ def test_the_live_view_shows_the_agents_side():
 
     events = [{"type": "proposed"}, {"type": "api_wait", "text": "API overloaded (529): waiting 40 s"},
               {"type": "agent_fault", "kind": "truncated"}, {"type": "agent_fault", "kind": "truncated"},
-              {"type": "note", "kind": "draft_check", "passed": True}, {"type": "change_approach"},
+              {"type": "note", "kind": "draft_check", "passed": True}, {"type": "note", "kind": "change_approach"},
               {"type": "api_wait", "text": "API overloaded (529): waiting 80 s, 1 min into this outage"}]
     rows = dict(agent_rows(events))
     assert rows["api"] == "now: API overloaded (529): waiting 80 s, 1 min into this outage; 2 wait(s) so far"

@@ -216,7 +216,6 @@ def test_a_night_of_faults_compressed(cdot_repo, tmp_path, monkeypatch):
     assert "estimated agent cost" in out and "spend limit $100.00" in out
     folder = RunFolder(re.search(r"run folder: (\S+)", out).group(1))
     events = folder.events()
-    types = [e["type"] for e in events]
     stopped = [e for e in events if e["type"] == "run_stopped"]
 
     # alive at the end: the budget ended the night, nothing else
@@ -256,7 +255,7 @@ def test_a_night_of_faults_compressed(cdot_repo, tmp_path, monkeypatch):
     assert [e["verdict"]["status"] for e in evaluated][0] == "KEEP"
     assert sum(1 for e in evaluated if e["verdict"]["status"] == "FAIL") >= 8
     # the failure streak informed: a canary, research again, a change of approach; no stop
-    assert "change_approach" in types and sum(1 for e in events if e["type"] == "research") >= 2
+    assert any(e.get("kind") == "change_approach" for e in events) and sum(1 for e in events if e["type"] == "research") >= 2
     assert not any(e.get("incumbent_failed") for e in events if e["type"] == "canary")
     assert any(e.get("kind") == "draft_check" for e in events)
     # the answers were never shown: every private view was an error result

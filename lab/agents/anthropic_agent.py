@@ -272,7 +272,10 @@ class AnthropicAgent(Agent):
                 raise ToolError(f"{MAX_DRAFT_CHECKS} checks were run in this episode already: submit, or "
                                 "fix what the last check said")
             checks["n"] += 1
-            return ctx.check(tree, bool(args.get("timing", True)))
+            try:
+                return ctx.check(tree, bool(args.get("timing", True)))
+            except LabError as exc:  # a locked file changed, no editable file left, ...
+                raise ToolError(f"the check could not run: {exc}") from None
 
         handlers = {"editor": bench.edit, "compile": lambda args: self._compile(ctx, tree),
                     "check": check, "profile": lambda args: self._profile(ctx),
