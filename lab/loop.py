@@ -428,33 +428,37 @@ class Lab:
             if not any(e["type"] == "baseline" for e in self.folder.events()):
                 self.measure_noise()
             self.replay_pending()
-            if not any(e["type"] == "research" for e in self.folder.events()):
-                self._research(agent)
-            while True:
-                state = self.state()
-                reason = self._stop_reason(state, deadline, interrupts, agent)
-                if reason:
-                    break
-                if s.canary_every and state.proposed and state.proposed % s.canary_every == 0 \
-                        and not self._canary_done(state.proposed):
-                    self.canary()
-                    continue  # the canary may have found the incumbent failing
-                self.say(f"asking the agent for proposal #{state.proposed + 1}")
-                try:
-                    proposal = self._ask(agent, state)
-                except AgentFatal as exc:
-                    self.folder.append("agent_failed", reason=str(exc), fatal=True)
-                    reason = f"the agent cannot go on: {exc}"
-                    break
-                if proposal.failure:
-                    reason = self._agent_failed(agent, proposal)
-                    if reason:
-                        break
-                    continue
-                self._after_experiment(agent, self.experiment(proposal))
+            try:
+                reason = self._run_agent(agent, deadline, interrupts)
+            except AgentFatal as exc:  # from a proposal or a research: no key, no credit, ...
+                self.folder.append("agent_failed", reason=str(exc), fatal=True)
+                reason = f"the agent cannot go on: {exc}"
         self.folder.append("run_stopped", reason=reason)
         self.folder.render()
         return reason
+
+    def _run_agent(self, agent: Agent, deadline: float, interrupts: Interrupts) -> str:
+        """Research, then propose and evaluate until a stop rule; returns why it stopped."""
+        s = self.settings
+        if not any(e["type"] == "research" for e in self.folder.events()):
+            self._research(agent)
+        while True:
+            state = self.state()
+            reason = self._stop_reason(state, deadline, interrupts, agent)
+            if reason:
+                return reason
+            if s.canary_every and state.proposed and state.proposed % s.canary_every == 0 \
+                    and not self._canary_done(state.proposed):
+                self.canary()
+                continue  # the canary may have found the incumbent failing
+            self.say(f"asking the agent for proposal #{state.proposed + 1}")
+            proposal = self._ask(agent, state)
+            if proposal.failure:
+                reason = self._agent_failed(agent, proposal)
+                if reason:
+                    return reason
+                continue
+            self._after_experiment(agent, self.experiment(proposal))
 
     def _stop_reason(self, state: RunState, deadline: float, interrupts: Interrupts, agent) -> str:
         """Why the run must stop now, or "". The only stop rules: Ctrl-C, the budgets (time,

@@ -533,6 +533,9 @@ class ParallelLab(Lab):
                 event = self.experiment_on(slot, *job)
                 with self.agent_lock:  # streaks and plateaus: the sequential loop's rules
                     self._after_experiment(agent, event)
+        except AgentFatal as exc:  # from a change of approach's research: stop cleanly
+            self.folder.append("agent_failed", reason=str(exc), fatal=True)
+            self._stop = f"the agent cannot go on: {exc}"
         except BaseException as exc:  # stop the others; the run folder stays resumable
             self._errors.append(exc)
 
@@ -554,7 +557,11 @@ class ParallelLab(Lab):
                 self.folder.append("note", text=f"re-evaluating #{number}, interrupted mid-evaluation")
                 self._queue.append((Proposal(patch=patch, hypothesis=pending["hypothesis"]), number, pending))
             if not any(e["type"] == "research" for e in self.folder.events()):
-                self._research(agent)
+                try:
+                    self._research(agent)
+                except AgentFatal as exc:  # the slots see _stop and end at once
+                    self.folder.append("agent_failed", reason=str(exc), fatal=True)
+                    self._stop = f"the agent cannot go on: {exc}"
             threads = [threading.Thread(target=self._dispatch, args=(slot, agent, deadline, interrupts),
                                         name=f"lab-slot-{slot.index}", daemon=True) for slot in self.slots]
             for t in threads:

@@ -9,7 +9,7 @@ import pytest
 from fake_anthropic import FakeClock
 from test_loop_soak import quick_cdot
 
-from lab.agents import Agent, Proposal
+from lab.agents import Agent, AgentFatal, Proposal
 from lab.agents import clock as agent_clock
 from lab.envs import get
 from lab.evaluate import Outcome
@@ -178,3 +178,14 @@ def test_the_brief_carries_memory_time_money_and_a_recorded_draft_check(quick, c
     checks = [e for e in lab.folder.events() if e.get("kind") == "draft_check"]
     assert [c["passed"] for c in checks] == [False, True] and checks[0]["seeds"] == [1, 2]
     assert "draft check 2" in (lab.folder.path / "log.md").read_text()
+
+
+def test_a_fatal_error_in_research_stops_the_run_cleanly(quick, cdot_repo):
+    class NoCredit(Scripted):
+        def research(self, ctx):
+            raise AgentFatal("the Anthropic account may not spend more")
+
+    lab = Lab.start(quick, cdot_repo / "runs", get("native"), Settings(delta=0.05, canary_every=0))
+    reason = lab.loop(NoCredit([]))
+    assert reason == "the agent cannot go on: the Anthropic account may not spend more"
+    assert types(lab)[-2:] == ["agent_failed", "run_stopped"]
