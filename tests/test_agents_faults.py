@@ -363,3 +363,18 @@ def test_ctrl_c_stops_a_wait_for_the_api_at_once(ctx):
             agent_clock.stop_waiting.clear()
     assert time.monotonic() - started < 10  # not 600 s
     assert proposal.failure.startswith("waiting for the API was interrupted") and proposal.api_unavailable
+
+
+def test_the_brief_of_a_long_run_stays_bounded(ctx):
+    from lab.agents.tools import run_brief
+
+    rows = ["commit\tmetric\tunit_seconds\tcorrectness\tstatus\tdescription"]
+    rows += [f"c{i:06d}\t1\t1\tpass\t{'keep' if i == 3 else 'discard'}\tidea {i}" for i in range(300)]
+    ctx.results_tsv = "\n".join(rows) + "\n"
+    ctx.log_md = "- a line of the log\n" * 5000
+    ctx.seconds_left, ctx.usd_left, ctx.spent_usd = 5400, 42.5, 57.5
+    brief = run_brief(ctx)
+    assert "idea 3\n" in brief + "\n" and "idea 299" in brief and "idea 200\n" not in brief
+    assert "259 earlier rows not shown" in brief
+    assert "1.5 h of the time budget left" in brief and "$42.50 of the spend limit left ($57.50 spent)" in brief
+    assert len(brief) < 40_000

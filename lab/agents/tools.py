@@ -426,6 +426,21 @@ def incumbent_source(ctx: AgentContext) -> str:
     return "\n\n".join(parts) or "(the incumbent holds no editable file yet)"
 
 
+MAX_RESULT_ROWS = 40  # the latest rows of results.tsv in a brief (keeps always; the memory has all)
+
+
+def _results_view(tsv: str) -> str:
+    """results.tsv for a brief: the header, every keep, and the latest MAX_RESULT_ROWS rows."""
+    lines = (tsv or "").splitlines()
+    if len(lines) <= MAX_RESULT_ROWS + 1:
+        return tsv
+    head, rows = lines[0], lines[1:]
+    latest = set(range(len(rows) - MAX_RESULT_ROWS, len(rows)))
+    shown = [r for i, r in enumerate(rows) if i in latest or "\tkeep\t" in r]
+    return "\n".join([head, f"({len(rows) - len(shown)} earlier rows not shown: the run memory has every experiment)",
+                      *shown])
+
+
 def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
@@ -453,7 +468,7 @@ def run_brief(ctx: AgentContext, source: bool = True) -> str:
         sections.append("## The lab asks for a change of approach\n\n" + ctx.direction)
     if source:
         sections.append("## Current best source (the incumbent)\n\n" + incumbent_source(ctx))
-    sections.append("## Results so far (results.tsv)\n\n" + _fence(ctx.results_tsv or "(none yet)"))
+    sections.append("## Results so far (results.tsv)\n\n" + _fence(_results_view(ctx.results_tsv) or "(none yet)"))
     if ctx.memory:
         sections.append(ctx.memory)
     elif ctx.tried_hypotheses:
