@@ -511,7 +511,9 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agen
         lab.attach(workers, slots)
     view.lab = lab
     click.echo(f"run folder: {lab.folder.path} (branch {lab.folder.meta['branch']})")
-    _print_agent_plan(agent, budget_s, max_usd)
+    plan = _print_agent_plan(agent, budget_s, max_usd)
+    if plan:  # in log.md too, for the morning
+        lab.folder.append("note", kind="agent_plan", text=plan.replace("\n", "; "))
     started = time.monotonic()
     if quiet:
         reason = lab.loop(agent, started=started)
@@ -540,11 +542,11 @@ def skypilot(harness, out, accelerators, nodes, image):
     click.echo(f"wrote {out}; start it with `sky launch -c lab-{h.name} {out}`")
 
 
-def _print_agent_plan(agent, budget_s: float, max_usd: float) -> None:
+def _print_agent_plan(agent, budget_s: float, max_usd: float) -> str:
     """The model settings and the estimated cost of the run, before it spends anything."""
     settings = getattr(agent, "settings", None)
     if not callable(settings):
-        return
+        return ""
     from .agents.prices import EPISODES_PER_HOUR, TYPICAL_EPISODE, estimate_run_usd
 
     s = settings()
@@ -552,12 +554,14 @@ def _print_agent_plan(agent, budget_s: float, max_usd: float) -> None:
     tokens = sum(TYPICAL_EPISODE.values())
     thinking = ", ".join(f"{k} {v or 'off'}" for k, v in s["thinking"].items())
     effort = ", ".join(f"{k} {v or 'off'}" for k, v in s["effort"].items())
-    click.echo(f"agent: {s['model']}, streamed, max_tokens {s['max_tokens']}, thinking ({thinking}), "
-               f"effort ({effort}), at most ${s['max_episode_usd']:.2f} an episode, API outages waited "
-               f"out up to {s['max_api_wait_s'] / 60:.0f} min")
-    click.echo(f"estimated agent cost: about ${usd:.0f} for {budget_s / 3600:.2f} h (~{episodes} episodes at "
-               f"{EPISODES_PER_HOUR} an hour, ~{tokens / 1000:.0f}k tokens each, 88% cache reads); "
-               + (f"spend limit ${max_usd:.2f} (--max-usd; 0: none)" if max_usd else "no spend limit (--max-usd 0)"))
+    text = (f"agent: {s['model']}, streamed, max_tokens {s['max_tokens']}, thinking ({thinking}), "
+            f"effort ({effort}), at most ${s['max_episode_usd']:.2f} an episode, API outages waited "
+            f"out up to {s['max_api_wait_s'] / 60:.0f} min\n"
+            f"estimated agent cost: about ${usd:.0f} for {budget_s / 3600:.2f} h (~{episodes} episodes at "
+            f"{EPISODES_PER_HOUR} an hour, ~{tokens / 1000:.0f}k tokens each, 88% cache reads); "
+            + (f"spend limit ${max_usd:.2f} (--max-usd; 0: none)" if max_usd else "no spend limit (--max-usd 0)"))
+    click.echo(text)
+    return text
 
 
 def _print_summary(s: dict) -> None:

@@ -216,6 +216,7 @@ def test_a_night_of_faults_compressed(cdot_repo, tmp_path, monkeypatch):
     assert "estimated agent cost" in out and "spend limit $100.00" in out
     folder = RunFolder(re.search(r"run folder: (\S+)", out).group(1))
     events = folder.events()
+    assert "estimated agent cost" in (folder.path / "log.md").read_text()
     stopped = [e for e in events if e["type"] == "run_stopped"]
 
     # alive at the end: the budget ended the night, nothing else
