@@ -442,6 +442,9 @@ def reproduce(bundle, env_name, harness_ref, model_path, runs_dir, as_json):
     sys.exit(report["exit_code"])
 
 
+DEFAULT_MAX_USD = 100.0  # the run's default spend limit: about three times the estimate of an 8 h run
+
+
 def parse_duration(text: str) -> float:
     """'8h', '45m', '90s', '1h30m' -> seconds."""
     import re
@@ -457,11 +460,24 @@ def parse_duration(text: str) -> float:
 @click.argument("harness", required=False)
 @click.option("--budget", default="8h", show_default=True, help="wall-clock budget, e.g. 8h, 45m")
 @click.option("--max-experiments", type=int, default=0, help="stop after this many proposals")
-@click.option("--max-usd", type=float, default=0.0, help="stop when the agent has spent this much")
+@click.option("--max-usd", type=float, default=DEFAULT_MAX_USD, show_default=True,
+              help="stop when the agent has spent this much (USD, the whole run; 0: no limit); "
+                   "the estimated cost is printed at start")
 @click.option("--agent", "agent_spec", default="anthropic", show_default=True,
               help="anthropic | command:CMD | replay:FILE")
 @click.option("--agent-model", "agent_model", default=None,
               help="model id for the anthropic agent (or --agent anthropic:MODEL)")
+@click.option("--agent-effort", type=click.Choice(["low", "medium", "high", "xhigh", "max", "off"]), default=None,
+              help="the anthropic agent's effort for proposals (research one level higher) "
+                   "[default: medium, research high]")
+@click.option("--agent-max-tokens", type=int, default=None,
+              help="output limit of one response, thinking included (streamed) [default: 32000]")
+@click.option("--no-thinking", is_flag=True, help="send no thinking setting (the model's own default) instead of adaptive thinking")
+@click.option("--max-episode-usd", type=float, default=None,
+              help="end one proposal's episode when it has cost this much [default: 5]")
+@click.option("--max-api-wait", default="30m", show_default=True,
+              help="how long one API outage (529, 429, 5xx, connection) is waited out before that "
+                   "proposal is given up (the run goes on)")
 @MODEL_OPTION
 @click.option("--web-search", is_flag=True, help="let the research step use the API's web search")
 @click.option("--delta", type=float, help="decision threshold as a fraction (default: from the noise floor)")
@@ -476,7 +492,8 @@ def parse_duration(text: str) -> float:
 @click.option("--quiet", is_flag=True)
 @ENV_OPTION
 @RUNS_OPTION
-def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, model_path, web_search, delta,
+def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agent_effort, agent_max_tokens,
+        no_thinking, max_episode_usd, max_api_wait, model_path, web_search, delta,
         gpu_index, gpus_text, executor, address, resume_path, quiet, env_name, runs_dir):
     """The main job: let an agent hill-climb HARNESS until a budget ends.
 
@@ -512,8 +529,10 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, mode
     h.preflight()  # no GPU: stop now, before an agent or a run folder exists
     env = get(values["env"], h)
     env.preflight()
-    agent = make_agent(values["agent"], model=values.get("model"),
-                       web_search=values.get("web_search", False))  # no key: stops here
+    agent = make_agent(values["agent"], model=values.get("model"), web_search=values.get("web_search", False),
+                       effort=values.get("agent_effort"), max_tokens=values.get("agent_max_tokens"),
+                       thinking=values.get("thinking", True), max_episode_usd=values.get("max_episode_usd"),
+                       max_api_wait_s=values.get("max_api_wait_s"))  # no key: stops here
     settings = Settings(**values)
     parallel = bool(gpus) or executor == "ray"
     if parallel:  # a missing GPU, a busy one, a Ray address that does not answer: stop here
@@ -535,6 +554,9 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, mode
         lab.attach(workers, slots)
     view.lab = lab
     click.echo(f"run folder: {lab.folder.path} (branch {lab.folder.meta['branch']})")
+    plan = _print_agent_plan(agent, settings.budget_s, settings.max_usd)
+    if plan:  # in log.md too, for the morning
+        lab.folder.append("note", kind="agent_plan", text=plan.replace("\n", "; "))
     started = time.monotonic()
     if quiet:
         reason = lab.loop(agent, started=started)
@@ -550,7 +572,9 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, mode
 SETTING_PARAMS = {"budget_s": "budget", "max_experiments": "max_experiments", "max_usd": "max_usd",
                   "delta": "delta", "env": "env_name", "gpu_index": "gpu_index", "agent": "agent_spec",
                   "model": "agent_model", "web_search": "web_search", "gpus": "gpus_text",
-                  "executor": "executor", "address": "address"}
+                  "executor": "executor", "address": "address", "agent_effort": "agent_effort",
+                  "agent_max_tokens": "agent_max_tokens", "thinking": "no_thinking",
+                  "max_episode_usd": "max_episode_usd", "max_api_wait_s": "max_api_wait"}
 
 
 def _given_settings(ctx) -> dict:
@@ -560,6 +584,8 @@ def _given_settings(ctx) -> dict:
     p = ctx.params
     values = {name: p[param] for name, param in SETTING_PARAMS.items()}
     values["budget_s"] = parse_duration(p["budget"])
+    values["max_api_wait_s"] = parse_duration(p["max_api_wait"])
+    values["thinking"] = not p["no_thinking"]
     values["gpus"] = parse_gpus(p["gpus_text"]) if p["gpus_text"] else []
     return values
 
@@ -611,6 +637,28 @@ def skypilot(harness, out, accelerators, nodes, image):
     out = out or Path(f"{h.name}.sky.yaml")
     out.write_text(skypilot_task(h, accelerators=accelerators, nodes=nodes, image=image))
     click.echo(f"wrote {out}; start it with `sky launch -c lab-{h.name} {out}`")
+
+
+def _print_agent_plan(agent, budget_s: float, max_usd: float) -> str:
+    """The model settings and the estimated cost of the run, before it spends anything."""
+    settings = getattr(agent, "settings", None)
+    if not callable(settings):
+        return ""
+    from .agents.prices import EPISODES_PER_HOUR, TYPICAL_EPISODE, estimate_run_usd
+
+    s = settings()
+    usd, episodes = estimate_run_usd(agent.price, budget_s)
+    tokens = sum(TYPICAL_EPISODE.values())
+    thinking = ", ".join(f"{k} {v or 'off'}" for k, v in s["thinking"].items())
+    effort = ", ".join(f"{k} {v or 'off'}" for k, v in s["effort"].items())
+    text = (f"agent: {s['model']}, streamed, max_tokens {s['max_tokens']}, thinking ({thinking}), "
+            f"effort ({effort}), at most ${s['max_episode_usd']:.2f} an episode, API outages waited "
+            f"out up to {s['max_api_wait_s'] / 60:.0f} min\n"
+            f"estimated agent cost: about ${usd:.0f} for {budget_s / 3600:.2f} h (~{episodes} episodes at "
+            f"{EPISODES_PER_HOUR} an hour, ~{tokens / 1000:.0f}k tokens each, 88% cache reads); "
+            + (f"spend limit ${max_usd:.2f} (--max-usd; 0: none)" if max_usd else "no spend limit (--max-usd 0)"))
+    click.echo(text)
+    return text
 
 
 def _print_summary(s: dict) -> None:

@@ -56,10 +56,38 @@ class LiveView:
             table.add_row("best", f"{state.best_speedup:.4f}x over the baseline" + _last_ci(self.lab))
             table.add_row("noise", "not measured" if state.noise_floor is None else
                           f"floor {state.noise_floor * 100:.2f}%, delta {state.delta * 100:.2f}%")
-            table.add_row("spent", f"${state.spent_usd:.2f}")
+            limit = self.lab.settings.max_usd
+            table.add_row("spent", f"${state.spent_usd:.2f}" + (f" of ${limit:.2f}" if limit else " (no limit)"))
+            for name, value in agent_rows(self.lab.folder.events()):
+                table.add_row(name, value)
         table.add_row("now", self.activity)
         title = f"lab run {self.lab.folder.meta['id']}" if self.lab is not None else "lab run"
         return Panel(table, title=title)
+
+
+def agent_rows(events: list[dict]) -> list[tuple[str, str]]:
+    """The agent's side of the run: the API's state (waiting out an outage, or how many waits so
+    far), faults by kind, draft checks, changes of approach."""
+    rows = []
+    waits = [i for i, e in enumerate(events) if e["type"] == "api_wait"]
+    if waits:
+        last = events[waits[-1]]
+        recovered = any(e["type"] in ("api_recovered", "proposed", "agent_failed") for e in events[waits[-1] + 1:])
+        now = "" if recovered else f"now: {last.get('text', '')}; "
+        rows.append(("api", f"{now}{len(waits)} wait(s) so far"))
+    faults: dict[str, int] = {}
+    for e in events:
+        if e["type"] == "agent_fault":
+            faults[e.get("kind", "?")] = faults.get(e.get("kind", "?"), 0) + 1
+    if faults:
+        rows.append(("faults", ", ".join(f"{k} {n}" for k, n in sorted(faults.items()))))
+    checks = [e for e in events if e.get("kind") == "draft_check"]
+    changes = sum(1 for e in events if e.get("kind") == "change_approach")
+    failed = sum(1 for e in events if e["type"] == "agent_failed")
+    if checks or changes or failed:
+        rows.append(("agent", f"{len(checks)} draft check(s) ({sum(1 for e in checks if e.get('passed'))} passed), "
+                              f"{failed} failed proposal(s), {changes} change(s) of approach"))
+    return rows
 
 
 def _last_ci(lab) -> str:

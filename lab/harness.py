@@ -55,6 +55,12 @@ class Harness:
     min_timing_seconds: float = 2.0
     max_timing_seconds: float = 30.0
     oracle_seeds: int = 2  # secret seeds per check
+    # Seeds of the agent's draft check (its `check` tool): public, fixed; empty: 1..oracle_seeds.
+    # A verdict never uses them: every evaluation draws fresh secret seeds.
+    public_seeds: tuple[int, ...] = ()
+    # Globs of this folder the agent's tools never open, besides solutions/, evidence/, runs/,
+    # records/ and .git (lab/agents/tools.py DEFAULT_PRIVATE): anything that would be a hint.
+    private: tuple[str, ...] = ()
     # What `--model PATH` gives a harness whose workload runs a model file the user may swap
     # (llamacpp: "a GGUF model file"); empty: the harness takes none. The lab hands the file to
     # every runner (mounted read-only in a container) and records its identity with each result.

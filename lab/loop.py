@@ -13,11 +13,14 @@ import shutil
 import signal
 import statistics
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import stats
 from .agents import Agent, AgentContext, AgentFatal, Proposal
+from .agents import clock as _clock
+from .agents.memory import run_memory
 from .envs import Env
 from .errors import LabError, PatchRejected
 from .evaluate import Outcome, run_evaluation
@@ -25,6 +28,23 @@ from .harness import Harness, stage_editable
 from .records import CRASH, FAIL, KEEP, SAME, TIMEOUT, WORSE
 from .store import RunFolder, new_run_id, pace
 from .workspace import Workspace, git, source_repo
+
+CHANGE_PROPOSALS = 3  # proposals that get the instruction of a change of approach
+QUICK_PAIRS = 5  # pairs of a draft check's informative timing
+
+
+def public_seeds(harness: Harness) -> list[int]:
+    """The oracle seeds a draft check uses: the harness's `public_seeds`, else 1..oracle_seeds.
+    Public by construction: the verdict's seeds are drawn fresh and secret for every evaluation."""
+    return list(harness.public_seeds) or list(range(1, max(harness.oracle_seeds, 1) + 1))
+
+
+def _oracle_lines(event: dict, count: int = 6) -> str:
+    """The failing lines of an evaluation's oracle output (or its first lines), for the brief."""
+    lines = [str(x) for x in event.get("check_lines") or []]
+    bad = [x for x in lines if any(w in x.upper() for w in ("FAIL", "MISMATCH", "ERROR", "NAN"))] or lines
+    return ("\n    " + "\n    ".join(x[:300] for x in bad[:count])) if bad else ""
+
 
 STATUS_OF = {KEEP: "keep", SAME: "discard", WORSE: "discard", FAIL: "fail", CRASH: "crash",
              TIMEOUT: "crash"}
@@ -38,8 +58,10 @@ class Settings:
     delta: float | None = None  # None: from the A/A noise floor
     confirm: bool = True
     canary_every: int = 10
+    # A streak of this many failed evaluations (or failed proposals) in a row does not stop the
+    # run: it triggers a canary (does the incumbent still pass?) and a change of approach.
     max_consecutive_failures: int = 8
-    plateau_after: int = 25
+    plateau_after: int = 25  # evaluations without a keep that also trigger a change of approach
     env: str = "native"
     gpu_index: int = 0
     agent: str = "anthropic"
@@ -49,6 +71,13 @@ class Settings:
     executor: str = "local"  # local | ray
     address: str = ""  # the Ray cluster's address, for --executor ray
     max_lost: int = 3  # re-runs of an evaluation whose worker died, before it counts as a crash
+    # The anthropic agent's model settings (lab/agents/anthropic_agent.py; None: its defaults),
+    # kept here so that a resumed run talks to the model as it did before.
+    agent_effort: str | None = None
+    agent_max_tokens: int | None = None
+    thinking: bool = True
+    max_episode_usd: float | None = None
+    max_api_wait_s: float | None = None
 
 
 @dataclass
@@ -72,6 +101,7 @@ class RunState:
     pending_keep: dict | None = None  # a keep decided but not yet committed
     kept: list = field(default_factory=list)
     best_speedup: float = 1.0
+    incumbent_failing: str = ""  # a canary since the last resume found the incumbent failing
 
     @classmethod
     def from_events(cls, events: list[dict], meta: dict) -> "RunState":
@@ -90,6 +120,10 @@ class RunState:
                 st.open_proposals[e["number"]] = open_proposal
             elif t in ("agent_failed", "research"):
                 st.spent_usd += e.get("cost_usd", 0.0)
+            elif t == "canary" and e.get("incumbent_failed"):
+                st.incumbent_failing = e.get("text", "the incumbent failed its canary")
+            elif t == "resumed":
+                st.incumbent_failing = ""
             elif t == "rejected":
                 open_proposal = None
                 st.open_proposals.pop(e.get("number"), None)
@@ -136,9 +170,11 @@ class Interrupts:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        _clock.stop_waiting.set()  # an agent waiting out an API outage gives up now
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self._previous or signal.SIG_DFL)
+        _clock.stop_waiting.clear()
         return False
 
 
@@ -179,6 +215,7 @@ class Lab:
         self.workspace = Workspace.attach(harness, folder.worktree)
         self.incumbent_dir = folder.path / "incumbent"
         self.say = display or (lambda text: None)
+        self.clock = _clock.current()  # the budget's time (a soak test compresses it)
 
     # --- creation and resumption ---------------------------------------------------------
     @classmethod
@@ -271,6 +308,12 @@ class Lab:
         at = state.proposed if at is None else at
         outcome = self._evaluate(f"canary-{at}", "aa", state.delta)
         status = outcome.verdict.status
+        if status in (FAIL, CRASH, TIMEOUT):  # the incumbent itself no longer passes: stop the run
+            why = outcome.verdict.reason or outcome.evaluation.reason
+            self.folder.append("canary", text=f"A/A canary: {status}: the incumbent no longer passes ({why[:300]})",
+                               verdict=outcome.verdict.to_dict(), at=at, incumbent_failed=True)
+            self.folder.render()
+            return
         self.folder.append("canary", text=f"A/A canary: {status}", verdict=outcome.verdict.to_dict(), at=at)
         if status in (KEEP, WORSE):
             self.folder.append("note", text="the A/A canary was not SAME: the machine is noisier than "
@@ -285,12 +328,13 @@ class Lab:
     # --- one experiment ---------------------------------------------------------------------
     def _record_proposal(self, proposal: Proposal, number: int) -> int:
         """The patch and its transcript into the ledger, then the `proposed` event: `number`."""
+        notes = {k: getattr(proposal, k, "") for k in ("learned", "next_idea") if getattr(proposal, k, "")}
         entry = self.folder.write_ledger(number, proposal.patch, {
             "number": number, "hypothesis": proposal.hypothesis, "cost_usd": proposal.cost_usd,
-            "usage": proposal.usage, "transcript": proposal.transcript,
+            "usage": proposal.usage, "transcript": proposal.transcript, **notes,
         })
         self.folder.append("proposed", number=number, hypothesis=proposal.hypothesis,
-                           ledger=entry, cost_usd=proposal.cost_usd)
+                           ledger=entry, cost_usd=proposal.cost_usd, **notes)
         return number
 
     def experiment(self, proposal: Proposal, number: int | None = None, replay: dict | None = None) -> dict:
@@ -389,61 +433,128 @@ class Lab:
     def loop(self, agent: Agent, started: float | None = None) -> str:
         """Propose and evaluate until a budget or stop rule ends the run; returns why it ended."""
         s = self.settings
-        started = started or time.monotonic()
+        started = started or self.clock.now()
         deadline = started + s.budget_s
+        self._deadline = deadline
         with Interrupts() as interrupts:
             if not any(e["type"] == "baseline" for e in self.folder.events()):
                 self.measure_noise()
             self.replay_pending()
-            if not any(e["type"] == "research" for e in self.folder.events()):
-                self._research(agent)
-            while True:
-                state = self.state()
-                reason = self._stop_reason(state, deadline, interrupts, agent)
-                if reason:
-                    break
-                if s.canary_every and state.proposed and state.proposed % s.canary_every == 0 \
-                        and not self._canary_done(state.proposed):
-                    self.canary()
-                self.say(f"asking the agent for proposal #{state.proposed + 1}")
-                try:
-                    proposal = agent.propose(self._context(state))
-                except AgentFatal as exc:
-                    self.folder.append("agent_failed", reason=str(exc), fatal=True)
-                    reason = f"the agent cannot go on: {exc}"
-                    break
-                if proposal.failure:
-                    self.folder.append("agent_failed", reason=proposal.failure, cost_usd=proposal.cost_usd)
-                    if getattr(agent, "exhausted", False):
-                        reason = "the agent has no more proposals"
-                        break
-                    if self._recent_agent_failures() >= s.max_consecutive_failures:
-                        reason = f"{s.max_consecutive_failures} proposals in a row failed"
-                        break
-                    continue
-                self.experiment(proposal)
-                state = self.state()
-                if s.plateau_after and state.since_keep and state.since_keep % s.plateau_after == 0:
-                    self.folder.append("plateau", text=f"{state.since_keep} evaluations without a keep")
+            try:
+                reason = self._run_agent(agent, deadline, interrupts)
+            except AgentFatal as exc:  # from a proposal or a research: no key, no credit, ...
+                self.folder.append("agent_failed", reason=str(exc), fatal=True)
+                reason = f"the agent cannot go on: {exc}"
         self.folder.append("run_stopped", reason=reason)
         self.folder.render()
         return reason
 
+    def _run_agent(self, agent: Agent, deadline: float, interrupts: Interrupts) -> str:
+        """Research, then propose and evaluate until a stop rule; returns why it stopped."""
+        s = self.settings
+        if not any(e["type"] == "research" for e in self.folder.events()):
+            self._research(agent)
+        while True:
+            state = self.state()
+            reason = self._stop_reason(state, deadline, interrupts, agent)
+            if reason:
+                return reason
+            if s.canary_every and state.proposed and state.proposed % s.canary_every == 0 \
+                    and not self._canary_done(state.proposed):
+                self.canary()
+                continue  # the canary may have found the incumbent failing
+            self.say(f"asking the agent for proposal #{state.proposed + 1}")
+            proposal = self._ask(agent, state)
+            if proposal.failure:
+                reason = self._agent_failed(agent, proposal)
+                if reason:
+                    return reason
+                continue
+            self._after_experiment(agent, self.experiment(proposal))
+
     def _stop_reason(self, state: RunState, deadline: float, interrupts: Interrupts, agent) -> str:
+        """Why the run must stop now, or "". The only stop rules: Ctrl-C, the budgets (time,
+        experiments, dollars), and a canary that found the incumbent itself failing. Failure
+        streaks and plateaus never stop a run (see _after_experiment)."""
         s = self.settings
         if interrupts.requested:
             return "stopped by Ctrl-C"
+        if state.incumbent_failing:
+            return (f"the incumbent stopped passing: {state.incumbent_failing}; fix the machine or the "
+                    "environment, then `lab run --resume RUN`")
         if s.max_experiments and state.proposed >= s.max_experiments:
             return f"{s.max_experiments} experiments done"
         spent = state.spent_usd
         if s.max_usd and spent >= s.max_usd:
             return f"spend limit reached (${spent:.2f} of ${s.max_usd:.2f})"
-        if state.consecutive_failures >= s.max_consecutive_failures:
-            return f"{state.consecutive_failures} evaluations in a row failed or crashed; see log.md"
         expected = statistics.median(state.evaluation_seconds) if state.evaluation_seconds else 0.0
-        if time.monotonic() + expected > deadline:
+        if self.clock.now() + expected > deadline:
             return "the time budget cannot fit another evaluation"
         return ""
+
+    # --- failure streaks and plateaus: inform, change approach, never stop ------------------
+    def _ask(self, agent: Agent, state: RunState) -> Proposal:
+        """One proposal. An agent that raises (a bug, an OS error) gives a failed proposal, never
+        the run's end; only AgentFatal (no key, no credit) goes through."""
+        try:
+            return agent.propose(self._context(state))
+        except AgentFatal:
+            raise
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {str(exc)[:300]}"
+            self.folder.append("agent_fault", kind="agent_crash", text=text,
+                               traceback=traceback.format_exc(limit=10)[-4000:])
+            return Proposal(failure=f"the agent crashed: {text}")
+
+    def _agent_failed(self, agent: Agent, proposal: Proposal) -> str:
+        """Record a failed proposal; returns a stop reason only when the agent has nothing left.
+        An API that stayed unavailable is not the agent's failure and starts no streak."""
+        self.folder.append("agent_failed", reason=proposal.failure, cost_usd=proposal.cost_usd,
+                           api_unavailable=bool(getattr(proposal, "api_unavailable", False)))
+        if getattr(agent, "exhausted", False):
+            return "the agent has no more proposals"
+        streak = self._recent_agent_failures()
+        n = self.settings.max_consecutive_failures
+        if n and streak and streak % n == 0:
+            self._change_approach(agent, f"{streak} proposals in a row failed (last: {proposal.failure[:200]})")
+        if n and streak >= n:  # never spin: a broken agent is asked again after a pause
+            self.clock.sleep(min(60.0 * (streak - n + 1), 600.0))
+        return ""
+
+    def _after_experiment(self, agent: Agent, event: dict) -> None:
+        """After an evaluation (`event`; a rejection changes no streak): a failure streak runs a
+        canary (is it the machine?) and, if the incumbent still passes, asks for a change of
+        approach; so does a plateau."""
+        if not event or event.get("type") != "evaluated":
+            return
+        s, state = self.settings, self.state()
+        if state.consecutive_failures and s.max_consecutive_failures and \
+                state.consecutive_failures % s.max_consecutive_failures == 0:
+            self.say(f"{state.consecutive_failures} evaluations in a row failed: a canary, then a change of approach")
+            self.canary()
+            if self.state().incumbent_failing:
+                return
+            self._change_approach(agent, f"{state.consecutive_failures} evaluations in a row failed or crashed")
+        elif s.plateau_after and state.since_keep and state.since_keep % s.plateau_after == 0:
+            self.folder.append("plateau", text=f"{state.since_keep} evaluations without a keep")
+            self._change_approach(agent, f"{state.since_keep} evaluations without a keep (a plateau)")
+
+    def _change_approach(self, agent: Agent, why: str) -> None:
+        """Research again with the run memory and the log, and tell the next proposals to try a
+        structurally different idea."""
+        self.folder.append("note", kind="change_approach", why=why,  # a note: log.md shows it
+                           text=f"change of approach: {why}; researching again")
+        self._research(agent, again=why)
+
+    def _direction(self, events: list[dict]) -> str:
+        """The instruction of the latest change of approach, for the CHANGE_PROPOSALS proposals after it."""
+        last = max((i for i, e in enumerate(events) if e.get("kind") == "change_approach"), default=None)
+        if last is None or sum(1 for e in events[last:] if e["type"] == "proposed") >= CHANGE_PROPOSALS:
+            return ""
+        return (f"{events[last]['why']}. Step back from the ideas of the recent experiments: try a "
+                "structurally different one (another algorithmic structure, data layout, parallel "
+                "decomposition or memory hierarchy level), taken from the fresh research list in the "
+                "run memory, not a variant of a dead end. Check your draft before you submit.")
 
     def _canary_done(self, proposed: int) -> bool:
         return any(e["type"] == "canary" and e.get("at") == proposed for e in self.folder.events())
@@ -451,13 +562,17 @@ class Lab:
     def _recent_agent_failures(self) -> int:
         n = 0
         for e in reversed(self.folder.events()):
+            if e["type"] == "agent_failed" and e.get("api_unavailable"):
+                continue  # the API's outage, not the agent's failure
             if e["type"] == "agent_failed":
                 n += 1
             elif e["type"] in ("proposed", "evaluated", "rejected"):
                 break
         return n
 
-    def _research(self, agent: Agent) -> None:
+    def _research(self, agent: Agent, again: str = "") -> None:
+        self.say("research" + (f" again: {again}" if again else ""))
+        before = getattr(agent, "research_cost_usd", 0.0)
         try:
             text = agent.research(self._context(self.state()))
         except AgentFatal:
@@ -465,13 +580,14 @@ class Lab:
         except Exception as exc:  # research is a help, not a gate
             text = f"(research failed: {exc})"
         if text:
-            self.folder.append("research", text=text, cost_usd=getattr(agent, "research_cost_usd", 0.0))
+            self.folder.append("research", text=text, again=bool(again),
+                               cost_usd=getattr(agent, "research_cost_usd", 0.0) - before)
             self.folder.render()
 
     def _context(self, state: RunState) -> AgentContext:
         events = self.folder.events()
         failures = [f"#{e['number']} {e['verdict']['status']}: {e.get('description', '')} — "
-                    f"{e['verdict'].get('reason') or e.get('reason', '')}"[:600]
+                    f"{e['verdict'].get('reason') or e.get('reason', '')}"[:600] + _oracle_lines(e)
                     for e in events if e["type"] == "evaluated" and e["status"] in ("fail", "crash")][-5:]
         failures += [f"#{e['number']} rejected: {e['reason']} {e.get('detail', '')}"[:300]
                      for e in events if e["type"] == "rejected"][-3:]
@@ -480,7 +596,8 @@ class Lab:
             shutil.rmtree(scratch)
         scratch.mkdir(parents=True)
         return AgentContext(
-            harness_name=self.harness.name, harness_root=self.harness.root,
+            # the run's worktree, not the user's checkout: the agent reads what the run holds
+            harness_name=self.harness.name, harness_root=self.workspace.tree,
             incumbent_tree=self.workspace.tree, editable=tuple(self.harness.editable),
             program_md=self.harness.program.read_text() if self.harness.program.exists() else "",
             results_tsv=(self.folder.path / "results.tsv").read_text(),
@@ -488,7 +605,56 @@ class Lab:
             recent_failures=failures, run_dir=self.folder.path, scratch=scratch,
             compile=self._compile_only, profile=self._profile_digest,
             tried_hypotheses=[e.get("hypothesis", "") for e in events if e["type"] == "proposed"],
+            memory=run_memory(events), direction=self._direction(events),
+            seconds_left=(self._deadline - self.clock.now()) if getattr(self, "_deadline", None) else None,
+            usd_left=(self.settings.max_usd - state.spent_usd) if self.settings.max_usd else None,
+            spent_usd=state.spent_usd, private=tuple(self.harness.private),
+            check=None if self.settings.executor == "ray" else self._draft_check, report=self._report,
         )
+
+    def _report(self, type_: str, **payload) -> None:
+        """What an agent reports mid-episode (an API wait, a fault): an event, and the live view."""
+        self.folder.append(type_, **payload)
+        if payload.get("text"):
+            self.say(f"{type_.replace('_', ' ')}: {payload['text']}")
+
+    def _draft_check(self, tree: Path, timing: bool = True) -> str:
+        """The agent's `check` tool: its draft through the lab's own evaluation path (build, the
+        oracle on the harness's public seeds, never secret ones; with timing, a few pairs against
+        the incumbent), recorded as an event and in log.md, counted in the budget like any work."""
+        events = self.folder.events()
+        number = sum(1 for e in events if e.get("kind") == "draft_check") + 1
+        proposal = self.state().proposed + 1
+        timing = timing and not self.settings.gpus  # in a parallel run the slots' GPUs are timing
+        seeds = public_seeds(self.harness)
+        work = self.folder.path / "agent" / "checks" / f"{number:04d}"
+        if work.exists():
+            shutil.rmtree(work)
+        self.say(f"draft check {number} for proposal #{proposal}" + (" with a quick timing" if timing else ""))
+        start = self.clock.now()
+        outcome = run_evaluation(
+            self.harness, tree, work, env=self.env, mode="evaluate" if timing else "check",
+            incumbent_tree=self.incumbent_dir if timing else None, delta=self.state().delta,
+            gpu_index=self.settings.gpu_index, check_seeds=seeds, min_pairs=QUICK_PAIRS,
+            max_seconds=max(self.harness.min_timing_seconds, 1.0),
+            fingerprint_extra={"run": self.folder.meta["id"], "draft_check": number})
+        ev, verdict = outcome.evaluation, outcome.verdict
+        passed = bool(ev.check and ev.check.passed)
+        lines = [f"oracle on public seeds {seeds}: {'PASS' if passed else 'FAIL'}"
+                 + (f" ({(ev.reason or verdict.reason)[:1500]})" if not passed and (ev.reason or verdict.reason) else "")]
+        lines += (ev.check.lines if ev.check else [])[:40]
+        if timing and passed and ev.pairs:
+            ratios = stats.log_ratios(ev.pairs)
+            if len(ratios):
+                lines.append(f"quick timing, {len(ratios)} pairs (informative, not a verdict): "
+                             f"{math.exp(-float(statistics.median(ratios))):.4f}x the current best")
+        seconds = self.clock.now() - start
+        self.folder.append("note", kind="draft_check", number=number, proposal=proposal, passed=passed,
+                           seeds=seeds, seconds=round(seconds, 2),
+                           record=str(outcome.record_path.relative_to(self.folder.path)),
+                           text=f"draft check {number} (for proposal #{proposal}): "
+                                f"{'oracle PASS' if passed else 'oracle FAIL'}" + (f", {lines[-1]}" if timing and passed else ""))
+        return "\n".join(lines)
 
     def _compile_only(self, tree: Path):
         from .runner import build_cached, default_cache

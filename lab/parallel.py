@@ -508,18 +508,14 @@ class ParallelLab(Lab):
                     self._canaries_claimed.add(state.proposed)
                     return "canary", state.proposed
                 try:
-                    proposal = agent.propose(self._context(state))
+                    proposal = self._ask(agent, state)
                 except AgentFatal as exc:
                     self.folder.append("agent_failed", reason=str(exc), fatal=True)
                     self._stop = f"the agent cannot go on: {exc}"
                     return None
                 if proposal.failure:
-                    self.folder.append("agent_failed", reason=proposal.failure, cost_usd=proposal.cost_usd)
-                    if getattr(agent, "exhausted", False):
-                        self._stop = "the agent has no more proposals"
-                        return None
-                    if self._recent_agent_failures() >= s.max_consecutive_failures:
-                        self._stop = f"{s.max_consecutive_failures} proposals in a row failed"
+                    self._stop = self._agent_failed(agent, proposal)  # the sequential loop's rules
+                    if self._stop:
                         return None
                     continue
                 return proposal, self._record_proposal(proposal, state.proposed + 1), None
@@ -534,17 +530,19 @@ class ParallelLab(Lab):
                 if job[0] == "canary":
                     self.canary(at=job[1])
                     continue
-                self.experiment_on(slot, *job)
-                state = self.state()
-                s = self.settings
-                if s.plateau_after and state.since_keep and state.since_keep % s.plateau_after == 0:
-                    self.folder.append("plateau", text=f"{state.since_keep} evaluations without a keep")
+                event = self.experiment_on(slot, *job)
+                with self.agent_lock:  # streaks and plateaus: the sequential loop's rules
+                    self._after_experiment(agent, event)
+        except AgentFatal as exc:  # from a change of approach's research: stop cleanly
+            self.folder.append("agent_failed", reason=str(exc), fatal=True)
+            self._stop = f"the agent cannot go on: {exc}"
         except BaseException as exc:  # stop the others; the run folder stays resumable
             self._errors.append(exc)
 
     def loop(self, agent: Agent, started: float | None = None) -> str:
-        started = started or time.monotonic()
+        started = started or self.clock.now()
         deadline = started + self.settings.budget_s
+        self._deadline = deadline
         with self.lock:
             for slot in self.slots:
                 self._slot_workspace(slot)
@@ -559,7 +557,11 @@ class ParallelLab(Lab):
                 self.folder.append("note", text=f"re-evaluating #{number}, interrupted mid-evaluation")
                 self._queue.append((Proposal(patch=patch, hypothesis=pending["hypothesis"]), number, pending))
             if not any(e["type"] == "research" for e in self.folder.events()):
-                self._research(agent)
+                try:
+                    self._research(agent)
+                except AgentFatal as exc:  # the slots see _stop and end at once
+                    self.folder.append("agent_failed", reason=str(exc), fatal=True)
+                    self._stop = f"the agent cannot go on: {exc}"
             threads = [threading.Thread(target=self._dispatch, args=(slot, agent, deadline, interrupts),
                                         name=f"lab-slot-{slot.index}", daemon=True) for slot in self.slots]
             for t in threads:

@@ -9,9 +9,10 @@ import pytest
 
 pytest.importorskip("anthropic")
 
-from fake_anthropic import FakeAnthropic, error, reply, text, tool_use  # noqa: E402
+from fake_anthropic import FakeAnthropic, FakeClock, error, reply, text, tool_use  # noqa: E402
 
 from lab.agents import AgentContext, AgentFatal, make_agent  # noqa: E402
+from lab.agents import clock as agent_clock  # noqa: E402
 from lab.agents.anthropic_agent import AnthropicAgent  # noqa: E402
 from lab.agents.prices import DEFAULT_MODEL, PRICES, cost_usd, price_for  # noqa: E402
 from lab.errors import LabError  # noqa: E402
@@ -24,6 +25,15 @@ OLD = "    double s = 0.0;\n    for (long i = 0; i < n; i++)\n        s += x[i] 
 NEW = ("    double s0 = 0.0, s1 = 0.0;\n    long i = 0;\n    for (; i + 1 < n; i += 2) {\n"
        "        s0 += x[i] * x[i];\n        s1 += x[i + 1] * x[i + 1];\n    }\n"
        "    for (; i < n; i++)\n        s0 += x[i] * x[i];\n    return s0 + s1;\n")
+
+
+@pytest.fixture
+def clock():
+    """A compressed clock for the agent's waits (restored after the test)."""
+    fake = FakeClock()
+    previous = agent_clock.use(fake)
+    yield fake
+    agent_clock.use(previous)
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +78,7 @@ def ctx(tmp_path, harness):
 
 def agent(api, **kw) -> AnthropicAgent:
     kw.setdefault("model", DEFAULT_MODEL)
-    return AnthropicAgent(base_url=api.url, api_key=KEY, max_retries=2, **kw)
+    return AnthropicAgent(base_url=api.url, api_key=KEY, **kw)
 
 
 def apply_check(tree: Path, patch: str, tmp_path: Path) -> Path:
@@ -116,7 +126,7 @@ def test_full_episode_gives_a_patch_git_applies(ctx, harness, tmp_path):
     first = bodies[0]
     assert first["system"][-1]["cache_control"] == {"type": "ephemeral"}
     assert "cdot: make `work` faster" in first["system"][-1]["text"]  # program.md
-    assert [t["name"] for t in first["tools"]] == ["editor", "compile", "profile", "submit"]
+    assert [t["name"] for t in first["tools"]] == ["editor", "compile", "check", "profile", "history", "submit"]
     brief = first["messages"][0]["content"][0]["text"]
     assert "s += x[i] * x[i];" in brief and "skip half of x" in brief and "# cdot run" in brief
     for body in bodies:
@@ -184,27 +194,35 @@ def test_compiler_errors_go_back_to_the_model(ctx):
     assert proposal.failure == "" and "BROKEN" not in proposal.patch
 
 
-def test_overloaded_then_success_is_retried_by_the_sdk(ctx):
-    with FakeAnthropic([error(529, "Overloaded"), reply(edit()), reply(submit())]) as api:
+def test_overloaded_then_success_is_waited_out(ctx, clock):
+    with FakeAnthropic([error(529, "Overloaded", retry_after=None), reply(edit()), reply(submit())]) as api:
         proposal = agent(api).propose(ctx)
     assert proposal.failure == ""
     assert len(api.requests) == 3
     assert api.bodies[0] == api.bodies[1]  # the same request, sent again
+    assert 2.5 <= clock.slept <= 5.0  # the first back-off, jittered, on the compressed clock
 
 
-def test_overloaded_past_the_retries_fails_the_proposal_only(ctx):
-    with FakeAnthropic([error(529, "Overloaded")] * 3) as api:
-        proposal = agent(api).propose(ctx)
-    assert proposal.failure.startswith("api error: 529")
-    assert len(api.requests) == 3  # max_retries=2
+def test_overloaded_past_the_wait_limit_fails_the_proposal_only(ctx, clock):
+    with FakeAnthropic([error(529, "Overloaded", retry_after=None)] * 20) as api:
+        proposal = agent(api, max_api_wait_s=60).propose(ctx)
+    assert proposal.failure.startswith("api unavailable for") and "529" in proposal.failure
+    assert proposal.api_unavailable
+    assert 3 <= len(api.requests) <= 6 and clock.slept <= 60
 
 
-def test_bad_request_fails_the_proposal_without_retry(ctx):
+def test_bad_request_stops_at_once_with_a_clear_message(ctx):
     with FakeAnthropic([error(400, "messages: text content blocks must be non-empty")]) as api:
-        proposal = agent(api).propose(ctx)
-    assert proposal.failure.startswith("api error: 400")
-    assert "non-empty" in proposal.failure
+        with pytest.raises(AgentFatal, match="malformed.*non-empty"):
+            agent(api).propose(ctx)
     assert len(api.requests) == 1
+
+
+def test_a_conversation_grown_too_long_fails_the_proposal_only(ctx):
+    with FakeAnthropic([error(400, "prompt is too long: 210000 tokens > 200000 maximum")]) as api:
+        proposal = agent(api).propose(ctx)
+    assert proposal.failure.startswith("api error: 400") and "too long" in proposal.failure
+    assert not proposal.api_unavailable and len(api.requests) == 1
     assert Path(proposal.transcript).exists()
 
 
@@ -328,7 +346,7 @@ def test_research_may_end_with_plain_text_and_fails_loudly(ctx):
         a = agent(api)
         assert a.research(ctx) == "1. unroll\n2. vectorise"
         assert all(t["name"] != "web_search" for t in api.bodies[0]["tools"])
-    with FakeAnthropic([error(400, "bad")]) as api:
+    with FakeAnthropic([error(400, "prompt is too long")]) as api:
         with pytest.raises(LabError, match="research: api error: 400"):
             agent(api).research(ctx)
 

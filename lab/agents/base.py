@@ -23,6 +23,9 @@ class Proposal(Record):
     usage: dict = field(default_factory=dict)  # token counts by kind
     failure: str = ""  # why no patch came (malformed edit, no submit, API error); "" when ok
     transcript: str = ""  # path of the episode's transcript, if kept
+    learned: str = ""  # what the agent says it learned in this episode (the run memory keeps it)
+    next_idea: str = ""  # what it would try next
+    api_unavailable: bool = False  # failed because the API stayed unavailable: not the agent's failure
 
 
 @dataclass
@@ -43,6 +46,21 @@ class AgentContext:
     compile: Callable[[Path], Build] | None = None  # build only, errors returned, no timing
     profile: Callable[[], str] | None = None  # a profile digest of the incumbent
     tried_hypotheses: list[str] = field(default_factory=list)
+    # The run memory (kept / dead ends / ideas with outcomes), rebuilt from the events each time.
+    memory: str = ""
+    # Time and money left to the run, for the brief (None: no limit).
+    seconds_left: float | None = None
+    usd_left: float | None = None
+    spent_usd: float = 0.0
+    # An instruction to change approach (after a failure streak or a plateau); "" if none.
+    direction: str = ""
+    # Globs of the harness folder the agent's tools never open (besides tools.DEFAULT_PRIVATE).
+    private: tuple[str, ...] = ()
+    # A draft check: the oracle on public seeds (+ a quick informative timing) of a tree, through
+    # the lab's own evaluation path; returns a short text report. Counted in the budget and log.
+    check: Callable[[Path, bool], str] | None = None
+    # Report something the run should record and show (an API wait, a fault): (type, payload).
+    report: Callable[..., None] | None = None
 
 
 class Agent:

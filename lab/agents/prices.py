@@ -111,3 +111,20 @@ def cost_usd(usage: dict, price: Price) -> float:
               + write * price.cache_write + read * price.cache_read)
     searches = usage.get("web_search_requests", 0) or 0
     return tokens / 1e6 + searches * WEB_SEARCH_USD_PER_1K / 1000
+
+
+# One proposal episode of the anthropic agent on wavegru (11 requests: edit, compile, check, views,
+# profile, edit, compile, check, submit), as measured on the fake API by tests/test_agents_tokens.py
+# (2026-12-02): the prompt sizes, at 4 characters a token, cache reads being the prefix shared with
+# the previous request (88 % of the prompt). Output is an assumption, not a measurement: about
+# 2,000 tokens of thinking and tool input a turn.
+TYPICAL_EPISODE = {"input_tokens": 33, "cache_creation_input_tokens": 16_200, "cache_read_input_tokens": 119_600,
+                   "output_tokens": 22_000}
+EPISODES_PER_HOUR = 8  # an episode of a few minutes plus an evaluation of a few minutes (wavegru)
+
+
+def estimate_run_usd(price: Price, budget_s: float, episodes_per_hour: float = EPISODES_PER_HOUR,
+                     episode: dict | None = None) -> tuple[float, int]:
+    """(dollars, episodes): what `budget_s` of proposals costs at `price`, at the typical episode."""
+    episodes = max(1, round(budget_s / 3600 * episodes_per_hour))
+    return cost_usd(episode or TYPICAL_EPISODE, price) * episodes, episodes
