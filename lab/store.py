@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .errors import RunFolderError
 from .records import KEEP, SCHEMA_VERSION
+from .scrub import scrub
 
 RUN_FILE = "run.json"
 EVENTS_FILE = "events.jsonl"
@@ -53,7 +54,10 @@ def file_lock(path: Path):
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write a file so that a reader sees the old or the new content, never a half."""
+    """Write a file so that a reader sees the old or the new content, never a half. The text is
+    scrubbed of secrets first (lab/scrub.py): every file of a run folder and every record the lab
+    writes goes through here."""
+    text = scrub(text)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -122,7 +126,7 @@ class RunFolder:
         with self.locked():
             seq = self._drop_torn_tail_and_count()
             event = {"seq": seq, "time": now_iso(), "type": type_, **payload}
-            line = json.dumps(_finite(event), separators=(",", ":")) + "\n"
+            line = scrub(json.dumps(_finite(event), separators=(",", ":"))) + "\n"
             with open(self.events_path, "a") as f:
                 f.write(line)
                 f.flush()
