@@ -24,9 +24,11 @@ from .envs import Env, Mount
 from .harness import Harness, stage_editable, verify_lock
 from .records import CRASH, PASS, TIMEOUT, Evaluation, Verdict, unframe
 from .runner import default_cache
+from .scrub import scrub
 from .store import atomic_write
 
 STDERR_TAIL = 3000
+ENV_SANDBOX = "LAB_SANDBOX"  # lab.sandbox.ENV_MODE
 
 
 @dataclass
@@ -82,7 +84,7 @@ def run_evaluation(
 
     request_file = work_dir / "request.json"
     # Fresh secret seeds, unless a reproduction replays the seeds a bundle recorded.
-    request = {"nonce": secrets.token_hex(16),
+    request = {"nonce": secrets.token_hex(16), "sandbox": sandbox_env()[ENV_SANDBOX],
                "check": list(check_seeds) if check_seeds else secret_seeds(harness.oracle_seeds),
                "timing": secret_seeds(1)[0]}
     fd = os.open(request_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -122,8 +124,8 @@ def run_evaluation(
 
     limit = timeout_s or harness.timeout_seconds
     result = env.run(argv, mounts=list(mounts.values()), timeout_s=limit, cpus=cpus, gpus=None,
-                     env=sandbox_env())
-    tail = (result.stderr or "")[-STDERR_TAIL:]
+                     env={ENV_SANDBOX: request["sandbox"]})
+    tail = scrub((result.stderr or "")[-STDERR_TAIL:])
     if result.timed_out:
         evaluation = Evaluation(harness=harness.name, status=TIMEOUT,
                                 reason=f"the runner passed its {limit:.0f} s "
@@ -156,6 +158,7 @@ def received_record(stdout: str, request: dict, harness: Harness, mode: str, ext
     text = unframe(stdout, request["nonce"])
     if text is None:
         return None
+    text = scrub(text)  # whatever came from the candidate (errors, check lines) is free of secrets from here on
     try:
         evaluation = Evaluation.from_dict(json.loads(text))
     except (ValueError, TypeError, AttributeError) as exc:
@@ -183,6 +186,9 @@ def record_problems(ev: Evaluation, request: dict, harness_name: str, mode: str,
                              ("incumbent", None if mode == "aa" else ev.incumbent_build, "incumbent_source")):
         if build is not None and key in extra and build.source_hash != extra[key]:
             problems.append(f"the {side} built from another source than the one staged")
+    isolation = str(ev.fingerprint.get("sandbox", ""))
+    if request.get("sandbox") == "bwrap" and (ev.candidate_build or ev.pairs) and not isolation.startswith("bubblewrap"):
+        problems.append(f"candidate code ran without the sandbox asked for ({isolation or 'not said'})")
     if ev.pairs and (ev.candidate_build is None or ev.incumbent_build is None):
         problems.append("timed pairs without builds")
     if ev.check is not None and ev.candidate_build is None:

@@ -123,6 +123,11 @@ def check_available() -> None:
             "no sandbox for candidate code: bubblewrap is not installed. Install it "
             "(`apt-get install bubblewrap`, or set LAB_BWRAP to a bwrap binary), or run with "
             "--no-sandbox to evaluate candidates without isolation (recorded on every verdict)")
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise SandboxUnavailable(
+            f"no sandbox for candidate code: {path} (bubblewrap) is not an executable file. Install "
+            "bubblewrap (`apt-get install bubblewrap`) or set LAB_BWRAP to its binary, or run with "
+            "--no-sandbox to evaluate candidates without isolation (recorded on every verdict)")
     if not _probe(path):
         raise SandboxUnavailable(
             f"no sandbox for candidate code: {path} cannot create namespaces here "
