@@ -466,3 +466,69 @@ def test_control_without_the_sandbox_a_stolen_key_is_still_scrubbed(lab_env, set
     assert result["verdict"]["status"] == "FAIL" and "LOOT" in result["reason"], result
     assert "[redacted]" in result["reason"]
     s.assert_no_leak(proc.stdout, proc.stderr)
+
+
+# --- the mlx harness's cached oracle reference ------------------------------------------------------
+def test_poisoned_mlx_reference_is_evicted_and_recomputed(tmp_path, monkeypatch):
+    """The mlx oracle's reference (its bounds decide what a candidate may get wrong) is cached;
+    loosening its bounds in the cache, as the issue's attack did, gets it evicted and computed
+    again by the trusted reference pipeline, never used."""
+    pytest.importorskip("numpy")
+    import numpy as np
+
+    from lab.harness import load
+
+    try:
+        harness = load(REPO / "harnesses" / "mlx")
+    except Exception as exc:  # mlx missing: the harness module still imports; anything else is a bug
+        pytest.skip(f"the mlx harness does not load here: {exc}")
+    oracle = sys.modules[type(harness).__module__.rsplit(".", 1)[0] + ".oracle"]
+    made = []
+
+    def compute(worker, corpus):
+        made.append(worker)
+        return oracle.Reference(greedy=[[1, 2]], perplexity=3.0, bounds={"logits_max_abs": 0.01},
+                                calibration={}, device="cpu", seconds=0.1, scored_logits=np.zeros((2, 3), np.float32))
+
+    monkeypatch.setattr(oracle, "compute_reference", compute)
+    folder = tmp_path / "cache" / "mlx" / "reference" / "key"
+    first = oracle.reference(folder, lambda: "worker", [1, 2, 3])
+    assert oracle.reference(folder, lambda: "worker", [1, 2, 3]).bounds == first.bounds and len(made) == 1
+    meta = folder / "reference.json"
+    os.chmod(meta, 0o644)
+    meta.write_text(meta.read_text().replace("0.01", "1000.0"))  # loosened bounds
+    again = oracle.reference(folder, lambda: "worker", [1, 2, 3])
+    assert len(made) == 2 and again.bounds == {"logits_max_abs": 0.01}
+    assert "changed: reference.json" in (folder.parent / "evictions.log").read_text()
+
+
+def test_poisoned_llamacpp_model_is_evicted_and_assembled_again(tmp_path, monkeypatch):
+    """The llama.cpp harness's default model, assembled into the cache: a changed file is evicted
+    and assembled again from the package (here a stand-in for it), never used."""
+    import types
+
+    from lab.harness import load
+
+    try:
+        harness = load(REPO / "harnesses" / "llamacpp")
+    except Exception as exc:
+        pytest.skip(f"the llamacpp harness does not load here: {exc}")
+    models = sys.modules[type(harness).__module__.rsplit(".", 1)[0] + ".model"]
+    assembled = []
+
+    def assemble(path, overwrite=False):
+        assembled.append(path)
+        Path(path).write_bytes(b"GGUF the pinned model")
+
+    monkeypatch.setitem(sys.modules, models.MODULE,
+                        types.SimpleNamespace(EXPECTED_SHA256=models.DEFAULT_SHA256, assemble=assemble))
+    models.default_model.cache_clear()
+    path = models.default_model(tmp_path)
+    models.default_model.cache_clear()
+    assert models.default_model(tmp_path) == path and len(assembled) == 1
+    os.chmod(path, 0o644)
+    path.write_bytes(b"GGUF another model")
+    models.default_model.cache_clear()
+    assert models.default_model(tmp_path).read_bytes() == b"GGUF the pinned model" and len(assembled) == 2
+    assert "changed: " + path.name in (path.parent.parent / "evictions.log").read_text()
+    models.default_model.cache_clear()
