@@ -131,7 +131,7 @@ class RunFolder:
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
-        return event
+        return json.loads(line)  # what was written: scrubbed
 
     def _drop_torn_tail_and_count(self) -> int:
         with open(self.events_path, "rb+") as f:

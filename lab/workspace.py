@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import LabError, PatchRejected
 from .harness import Harness, tree_hash
+from .scrub import scrub
 
 _HEADER = re.compile(r"^(?:--- |\+\+\+ |rename from |rename to |copy from |copy to )(.*)$")
 
@@ -115,6 +116,7 @@ class Workspace:
         Raises PatchRejected, leaving the worktree at the incumbent, when the patch touches
         anything outside the editable surface, does not apply, changes nothing, or yields a
         source identical to one already tried in this run."""
+        patch, message = scrub(patch), scrub(message)  # no secret reaches the candidate, the worktree or a commit
         guard_patch(patch, self.harness)
         incumbent = self.head()
         with tempfile.NamedTemporaryFile("w", suffix=".patch", delete=False) as f:

@@ -532,3 +532,32 @@ def test_poisoned_llamacpp_model_is_evicted_and_assembled_again(tmp_path, monkey
     assert models.default_model(tmp_path).read_bytes() == b"GGUF the pinned model" and len(assembled) == 2
     assert "changed: " + path.name in (path.parent.parent / "evictions.log").read_text()
     models.default_model.cache_clear()
+
+
+@pytest.mark.slow
+def test_a_key_in_the_hypothesis_and_the_patch_is_written_nowhere(cdot, tmp_path, monkeypatch):
+    """What an agent returns may hold the key: the ledger, the events, log.md, results.tsv, the
+    record, the run's worktree and its commits never do (the same gate as `lab try` and the loop)."""
+    from lab.agents import Proposal
+    from lab.envs import get
+    from lab.loop import Lab, Settings
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    monkeypatch.setenv("LAB_TEST_TOKEN", TOKEN)
+    patch = ("diff --git a/work.c b/work.c\n--- a/work.c\n+++ b/work.c\n@@ -1,3 +1,3 @@\n"
+             "-/* The editable surface of the cdot test harness: the sum of squares of x[0..n). */\n"
+             f"+/* The editable surface of the cdot test harness: {KEY} {TOKEN} */\n"
+             " double work(const double *x, long n)\n {\n")
+    lab = Lab.start(cdot, tmp_path / "runs", get("native", cdot), Settings(delta=0.1, confirm=False, agent="manual"),
+                    kind="try")
+    event = lab.experiment(Proposal(patch=patch, hypothesis=f"faster with {KEY} and {TOKEN}"))
+    assert event["verdict"]["status"] in ("SAME", "WORSE", "KEEP"), event
+    assert "[redacted]" in event["description"]
+    for path in (tmp_path / "runs").rglob("*"):
+        if path.is_file() and ".git" not in path.parts:
+            text = path.read_bytes().decode(errors="replace")
+            assert KEY not in text and TOKEN not in text, f"a secret was written to {path}"
+    history = subprocess.run(["git", "log", "--all", "--reflog", "-p"], cwd=lab.folder.worktree,
+                             capture_output=True, text=True).stdout  # the candidate's commit, reset but kept
+    leaks = [line for line in history.splitlines() if KEY in line or TOKEN in line]
+    assert not leaks and "[redacted]" in history, leaks[:5]
