@@ -101,7 +101,9 @@ def processes():
                 argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
             except OSError:
                 continue
-            if CONFIG["runs"].encode() in b" ".join(argv) or int(pid) == CONFIG["sentinel_pid"]:
+            line = b" ".join(argv)
+            in_container = b"lab.runner" in line and b"/lab/work/" in line  # paths inside a container
+            if CONFIG["runs"].encode() in line or in_container or int(pid) == CONFIG["sentinel_pid"]:
                 yield int(pid), argv
 
 def loot(text):
@@ -446,25 +448,31 @@ def test_writing_outside_the_stage(setting):
 # --- controls: without the sandbox the same attacks are real (so the tests above mean something) ---
 @pytest.mark.slow
 def test_control_without_the_sandbox_the_forgery_is_kept(lab_env, setting):
-    """--no-sandbox gives candidates the lab's view: the forged record is read as a KEEP, and the
-    verdict says the run had no sandbox. (Why the sandbox is not optional.)"""
+    """--no-sandbox gives candidates the runner's view: natively the forged record is read as a
+    KEEP, and the verdict says the run had no sandbox (why the sandbox is not optional). In a
+    container the runner is PID 1, which the candidate can neither stop nor kill: its own record
+    and the forged one collide, and the lab refuses both (CRASH)."""
     s = setting
-    if s.env_name == "docker":
-        pytest.skip("the control runs natively")
     result, _ = s.bench(s.tree("forge", attack_source(FORGE_RECORD, s.config())), "--no-sandbox")
-    assert result["verdict"]["status"] == "KEEP" and result["sandbox"] == "none (--no-sandbox)"
+    assert result["sandbox"] == "none (--no-sandbox)"
+    if s.env_name == "docker":
+        assert result["verdict"]["status"] == "CRASH" and "without a record" in result["reason"], result
+    else:
+        assert result["verdict"]["status"] == "KEEP", result
 
 
 @pytest.mark.slow
 def test_control_without_the_sandbox_a_stolen_key_is_still_scrubbed(lab_env, setting):
-    """Without the sandbox the candidate does read the key from the lab's /proc/<pid>/environ and
-    puts it in its error text; the scrubber keeps it out of every file and of the output."""
+    """Natively without the sandbox the candidate does read the key from the lab's
+    /proc/<pid>/environ and puts it in its error text; the scrubber keeps it out of every file and
+    of the output. In a container the lab's processes are out of sight even without the sandbox."""
     s = setting
-    if s.env_name == "docker":
-        pytest.skip("the control runs natively")
     result, proc = s.bench(s.tree("steal", attack_source(STEAL_KEY, s.config())), "--no-sandbox")
-    assert result["verdict"]["status"] == "FAIL" and "LOOT" in result["reason"], result
-    assert "[redacted]" in result["reason"]
+    if s.env_name == "docker":
+        assert result["verdict"]["status"] == "SAME", result
+    else:
+        assert result["verdict"]["status"] == "FAIL" and "LOOT" in result["reason"], result
+        assert "[redacted]" in result["reason"]
     s.assert_no_leak(proc.stdout, proc.stderr)
 
 
