@@ -38,6 +38,9 @@ pytestmark = pytest.mark.skipif(sandbox.mode() == "bwrap" and sandbox.describe()
 KEY = "sk-ant-api03-" + "RedTeamKey0" * 6
 TOKEN = "tok-" + uuid.uuid4().hex  # a secret of another shape: scrubbed by its value
 DELTA = "0.1"  # an honest candidate is the incumbent's code: SAME at 10%; a forgery claims 4x
+# What the incumbent's own code gets: SAME, or on a machine noisier than 10% WORSE; never KEEP,
+# FAIL or CRASH, which an attack that got anywhere would give.
+HONEST = ("SAME", "WORSE")
 
 HONEST_WORK = """
 double work(const double *x, long n)
@@ -337,7 +340,7 @@ class Setting:
 def _warm_cache(s: Setting) -> dict:
     """An honest evaluation first, so that the cache holds the incumbent's build to attack."""
     result, _ = s.bench(s.tree("honest", HONEST_WORK.lstrip()))
-    assert result["verdict"]["status"] == "SAME", result
+    assert result["verdict"]["status"] in HONEST, result
     return s.cache_snapshot()
 
 
@@ -346,7 +349,7 @@ def _warm_cache(s: Setting) -> dict:
 def test_forged_record_and_killed_runner(setting):
     s = setting
     result, proc = s.bench(s.tree("forge", attack_source(FORGE_RECORD, s.config())))
-    assert result["verdict"]["status"] == "SAME", result  # the runner lived and timed it honestly
+    assert result["verdict"]["status"] in HONEST, result  # the runner lived and timed it honestly
     record = s.record(result)
     assert "FORGED check line" not in json.dumps(record) and "FORGED" not in proc.stdout
     assert record["check"]["lines"] == ["correctness: pass"]
@@ -379,7 +382,7 @@ def test_poisoned_build_cache_from_outside_is_evicted_and_rebuilt(setting):
     shutil.copyfile(slow_artifact, incumbent)  # the incumbent's cached library is now the slow one
     whitespace = s.tree("whitespace", HONEST_WORK.lstrip() + "\n")
     result, proc = s.bench(whitespace)
-    assert result["verdict"]["status"] == "SAME", result
+    assert result["verdict"]["status"] in HONEST, result
     rebuilt = s.record(result)["incumbent_build"]
     assert "changed: libwork.so" in rebuilt["info"]["cache_evicted"]
     assert not rebuilt["cached"]
@@ -404,7 +407,7 @@ def test_poisoned_reference_cache(setting):
 def test_key_theft_through_proc_environ(setting):
     s = setting
     result, proc = s.bench(s.tree("steal", attack_source(STEAL_KEY, s.config())))
-    assert result["verdict"]["status"] == "SAME", result  # it found nothing to steal
+    assert result["verdict"]["status"] in HONEST, result  # it found nothing to steal
     s.assert_no_leak(proc.stdout, proc.stderr)
 
 
@@ -423,7 +426,7 @@ def test_reading_seeds_and_other_files(setting):
     s = setting
     _warm_cache(s)
     result, proc = s.bench(s.tree("read", attack_source(READ_SECRETS, s.config())))
-    assert result["verdict"]["status"] == "SAME", result  # nothing was readable: no loot, no FAIL
+    assert result["verdict"]["status"] in HONEST, result  # nothing was readable: no loot, no FAIL
     assert "LOOT" not in json.dumps(s.record(result))
 
 
@@ -431,7 +434,7 @@ def test_reading_seeds_and_other_files(setting):
 def test_signalling_the_lab(setting):
     s = setting
     result, proc = s.bench(s.tree("signal", attack_source(SIGNAL_LAB, s.config())))
-    assert result["verdict"]["status"] == "SAME", result  # the runner was neither stopped nor killed
+    assert result["verdict"]["status"] in HONEST, result  # the runner was neither stopped nor killed
     assert s.sentinel.poll() is None, "the candidate killed a process of the lab's user"
 
 
@@ -440,9 +443,44 @@ def test_writing_outside_the_stage(setting):
     s = setting
     before = _warm_cache(s)
     result, proc = s.bench(s.tree("write", attack_source(WRITE_OUTSIDE, s.config())))
-    assert result["verdict"]["status"] == "SAME", result
+    assert result["verdict"]["status"] in HONEST, result
     s.assert_nothing_written_outside()
     s.assert_cache_intact(before)
+
+
+@pytest.mark.slow
+def test_work_moved_to_another_process(setting):
+    """The sample's time is the worker's CPU time: a candidate that computes in a child process
+    (its CPU time then not the worker's) would look free. The worker cannot start one."""
+    s = setting
+    source = r"""
+#include <unistd.h>
+#include <sys/wait.h>
+double work(const double *x, long n)
+{
+    int fds[2];
+    if (pipe(fds) != 0)
+        return -1.0;
+    pid_t child = fork();
+    if (child < 0)
+        return -1.0;  /* no child: the honest fallback would be slow, this one is wrong */
+    if (child == 0) {
+        double s = 0.0;
+        for (long i = 0; i < n; i++)
+            s += x[i] * x[i];
+        (void)!write(fds[1], &s, sizeof s);
+        _exit(0);
+    }
+    double s = 0.0;
+    (void)!read(fds[0], &s, sizeof s);
+    waitpid(child, 0, 0);
+    close(fds[0]);
+    close(fds[1]);
+    return s;
+}
+"""
+    result, _ = s.bench(s.tree("fork", source))
+    assert result["verdict"]["status"] == "FAIL", result
 
 
 # --- controls: without the sandbox the same attacks are real (so the tests above mean something) ---
@@ -469,7 +507,7 @@ def test_control_without_the_sandbox_a_stolen_key_is_still_scrubbed(lab_env, set
     s = setting
     result, proc = s.bench(s.tree("steal", attack_source(STEAL_KEY, s.config())), "--no-sandbox")
     if s.env_name == "docker":
-        assert result["verdict"]["status"] == "SAME", result
+        assert result["verdict"]["status"] in HONEST, result
     else:
         assert result["verdict"]["status"] == "FAIL" and "LOOT" in result["reason"], result
         assert "[redacted]" in result["reason"]

@@ -5,9 +5,17 @@ own flags, checks it against numpy on secret seeds, and times fixed work on fres
 The candidate's code never runs in this (the runner's) process. The compiler runs in lab.sandbox
 with the staged `work.c` read-only and an empty scratch folder; the runner copies the library out.
 The library runs in a sandboxed worker (`worker.py`) that the runner drives over pipes and a
-shared memory it made: the runner writes fresh inputs and says go with its clock running, the
-worker calls `work` and says done, the runner stops its clock and checks every result against
-numpy. The check and the timing use the same requests, so the candidate cannot tell them apart.
+shared memory it made: the runner writes fresh inputs and says go, the worker calls `work` and
+says done, and the runner checks every result against numpy. The check and the timing use the
+same requests, so the candidate cannot tell them apart.
+
+A sample's time is the worker's CPU time over the request, read by the runner from the kernel
+(the process CPU clock of the worker: every thread, exited ones too), not a clock the candidate
+could touch. No work can leave that process: the worker gives up the right to start processes
+or threads once the library is loaded (the runner checks its RLIMIT_NPROC from outside), and a
+sample in which the sandbox holds any process besides the worker fails. The runner's wall clock
+around the same request is the cross-check (`wall_seconds`, lab/stats.py). CPU time leaves out
+the two wake-ups of the hand-off, which on a loaded machine wait for the scheduler.
 """
 
 import mmap
@@ -42,11 +50,13 @@ class WorkerFailed(LabError):
 
 @dataclass
 class Worker:
-    proc: subprocess.Popen
+    proc: subprocess.Popen  # the sandbox (bubblewrap, or the worker itself with --no-sandbox)
     shared: mmap.mmap
     inputs: np.ndarray  # N doubles, written by the runner
     results: np.ndarray  # CALLS doubles, written by the worker
     stderr: object  # an unlinked file of the runner: the worker's error output, bounded by its limits
+    pid: int = 0  # the worker process itself, as this process sees it
+    keep: frozenset = frozenset()  # the sandbox's own processes (bubblewrap) and the worker
 
 
 class CDot(Harness):
@@ -113,6 +123,9 @@ class CDot(Harness):
                         np.frombuffer(shared, np.float64, CALLS, offset=self.n * 8), stderr)
         try:
             self._expect(worker, b"r")
+            worker.pid, worker.keep = _find_worker(proc.pid)
+            if sandbox.mode() == "bwrap" and _process_limit(worker.pid) != ("1", "1"):
+                raise WorkerFailed("the candidate's worker kept the right to start processes")
         except BaseException:
             self._stop(worker)
             raise
@@ -136,16 +149,23 @@ class CDot(Harness):
         for stream in (worker.proc.stdin, worker.proc.stdout, worker.stderr):
             stream.close()
 
-    def _run(self, worker: Worker, x: np.ndarray) -> tuple[np.ndarray, float]:
-        """One request, timed by this process: write the inputs, go, wait for done. The inputs
-        reach the shared memory only with the clock running, so nothing can be computed ahead."""
+    def _run(self, worker: Worker, x: np.ndarray) -> tuple[np.ndarray, float, float, str]:
+        """One request, timed by this process: write the inputs, go, wait for done. Returns the
+        results, the worker's CPU seconds and the wall seconds of the request, and what was wrong
+        with the sandbox ("" when it held only the worker). The inputs reach the shared memory
+        only with the clocks running, so nothing can be computed ahead."""
         worker.results[:] = np.nan  # a result the worker does not write fails the check
+        clock = _cpu_clock(worker.pid)
+        c0 = time.clock_gettime(clock)
         t0 = time.perf_counter()
         worker.inputs[:] = x
         os.write(worker.proc.stdin.fileno(), b"g")
         self._expect(worker, b"d")
-        seconds = time.perf_counter() - t0
-        return worker.results.copy(), seconds
+        wall = time.perf_counter() - t0
+        cpu = time.clock_gettime(clock) - c0
+        others = sorted(_descendants(worker.proc.pid) - worker.keep)
+        problem = f"the worker started other processes ({len(others)})" if others else ""
+        return worker.results.copy(), cpu, wall, problem
 
     def _inputs(self, seed: int) -> np.ndarray:
         return np.random.default_rng(seed).standard_normal(self.n)
@@ -157,7 +177,7 @@ class CDot(Harness):
             items, hashes = [], {}
             for seed in seeds:
                 x = self._inputs(seed)
-                results, _ = self._run(worker, x)
+                results, _, _, _ = self._run(worker, x)
                 want = float(np.dot(x, x))
                 ok = bool(np.all(np.isfinite(results))) and bool(np.all(np.abs(results - want) <= 1e-9 * abs(want)))
                 got = float(results[0])
@@ -179,10 +199,62 @@ class CDot(Harness):
     def sample(self, worker: Worker, seed: int) -> Sample:
         x = self._inputs(seed)
         want = float(np.dot(x, x))
-        results, seconds = self._run(worker, x)
-        ok = bool(np.all(np.abs(results - want) <= 1e-9 * abs(want)))
-        return Sample(seconds=seconds, value=CALLS / seconds, ok=ok, wall_seconds=seconds,
-                      work={"calls": CALLS, "elements": x.size})
+        results, seconds, wall, problem = self._run(worker, x)
+        ok = bool(np.all(np.abs(results - want) <= 1e-9 * abs(want))) and not problem
+        return Sample(seconds=seconds, value=CALLS / seconds, ok=ok, wall_seconds=wall,
+                      work={"calls": CALLS, "elements": x.size}, detail=problem)
 
     def workload(self) -> dict:
         return {"calls": CALLS, "elements": self.n}
+
+
+def _cpu_clock(pid: int) -> int:
+    """The clock id of a process's CPU time (Linux: MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED))."""
+    return ((~pid) << 3) | 2
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.update(int(c) for c in f.read().split())
+    except OSError:
+        pass
+    return found
+
+
+def _descendants(pid: int) -> set[int]:
+    """`pid` and every process below it (a sandbox's whole tree, as this process sees it)."""
+    seen, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.add(p)
+            todo.extend(_children(p))
+    return seen
+
+
+def _find_worker(sandbox_pid: int) -> tuple[int, frozenset]:
+    """The worker's pid below the sandbox's, and the processes a sample may find there: the
+    worker and the sandbox's own (bubblewrap and its init), nothing else."""
+    tree = _descendants(sandbox_pid)
+    for pid in sorted(tree, reverse=True):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"worker.py") for a in argv):
+            return pid, frozenset(tree - _descendants(pid) | {pid})
+    raise WorkerFailed("the candidate's worker is not among the sandbox's processes")
+
+
+def _process_limit(pid: int) -> tuple[str, str]:
+    """RLIMIT_NPROC of a process, (soft, hard), from /proc/<pid>/limits."""
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max processes"):
+                soft, hard = line[len("Max processes"):].split()[:2]
+                return soft, hard
+    return "", ""

@@ -7,11 +7,16 @@ It loads the candidate's shared object and answers the trusted runner over its p
 memory (SHM_FD, a memfd the runner made and filled just before) and stores the CALLS results
 after them, then writes `d`. It reports nothing else: the runner times each request from outside
 and checks every result itself. The worker holds no secret and sees nothing but its library.
+
+Once the library is loaded, the worker gives up the right to start processes or threads
+(RLIMIT_NPROC 1, soft and hard): no work can leave the process whose CPU time the runner
+reads. The runner checks the limit from outside before the first request.
 """
 
 import ctypes
 import mmap
 import os
+import resource
 import struct
 import sys
 
@@ -26,6 +31,7 @@ def main() -> int:
     work.restype = ctypes.c_double
     work.argtypes = [ctypes.c_void_p, ctypes.c_long]
     results = n * 8
+    resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
     os.write(1, READY)
     while True:
         command = os.read(0, 1)
