@@ -187,6 +187,7 @@ def check(harness, src, model_path, env_name, runs_dir, as_json, no_sandbox):
 @NO_SANDBOX_OPTION
 def bench(harness, src, against, delta, against_record, model_path, env_name, runs_dir, as_json, no_sandbox):
     """One paired evaluation: candidate (--src) against incumbent (--against)."""
+    _sandbox(no_sandbox, env_name)  # before the comparison: the sandbox is part of the fingerprint
     earlier = _comparable_record(harness, against_record, env_name, model_path) if against_record else None
     h, outcome, isolation = _one_evaluation(harness, src, against, env_name, "evaluate", runs_dir, delta,
                                             model_path, no_sandbox)
@@ -206,8 +207,10 @@ def _comparable_record(harness_name, path: Path, env_name, model_path=None) -> d
 
     data = json.loads(path.read_text())
     h = load(harness_name, model=model_path)
+    from . import sandbox
+
     now = collect(extra={"harness_lock": h.lock_digest(), "environment": get(env_name, h).reference(),
-                         **model_fingerprint(h)})
+                         **model_fingerprint(h), "sandbox": sandbox.describe()})
     differ = differences(data.get("fingerprint") or {}, now)
     if differ:
         raise FingerprintMismatch(

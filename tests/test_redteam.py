@@ -607,3 +607,24 @@ def test_a_key_in_the_hypothesis_and_the_patch_is_written_nowhere(cdot, tmp_path
                              capture_output=True, text=True).stdout  # the candidate's commit, reset but kept
     leaks = [line for line in history.splitlines() if KEY in line or TOKEN in line]
     assert not leaks and "[redacted]" in history, leaks[:5]
+
+
+@pytest.mark.slow
+def test_the_sandbox_is_part_of_the_fingerprint(tmp_path):
+    """A result measured without the sandbox is never set beside one measured in it."""
+    harness = locked_copy(tmp_path / "cdot")
+    runs = tmp_path / "runs"
+
+    def check(*extra):
+        out = lab_cli("check", str(harness), "--runs", str(runs), "--json", *extra, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    sandboxed, bare = check(), check("--no-sandbox")
+    assert sandboxed["sandbox"].startswith("bubblewrap") and bare["sandbox"] == "none (--no-sandbox)"
+    assert json.loads(Path(bare["record"]).read_text())["fingerprint"]["sandbox"] == "none (--no-sandbox)"
+    same = lab_cli("bench", str(harness), "--runs", str(runs), "--against-record", sandboxed["record"], cwd=REPO)
+    assert same.returncode == 0, same.stderr
+    assert "sandbox: bubblewrap" in same.stdout
+    refused = lab_cli("bench", str(harness), "--runs", str(runs), "--against-record", bare["record"], cwd=REPO)
+    assert refused.returncode == 2 and "sandbox" in refused.stderr and "never compared" in refused.stderr
