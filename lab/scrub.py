@@ -14,8 +14,8 @@ import os
 import re
 
 REDACTED = "[redacted]"
-# Names of environment variables whose values are secrets (the same markers keep them out of
-# every runner's and sandbox's environment: lab/envs/native.py).
+# Names of environment variables whose values are secrets; the same markers keep them out of every
+# runner's environment (lab/envs/native.py, lab/envs/docker.py).
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 MIN_SECRET_CHARS = 8  # shorter values (a flag, "1") would redact ordinary text
 _KEY_SHAPE = re.compile(r"sk-ant-[A-Za-z0-9_\-]*")
