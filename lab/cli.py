@@ -17,9 +17,28 @@ ENV_OPTION = click.option("--env", "env_name", type=click.Choice(["native", "doc
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 RUNS_OPTION = click.option("--runs", "runs_dir", type=click.Path(file_okay=False, path_type=Path),
                            default=Path("runs"), show_default=True, help="folder of run folders")
+NO_SANDBOX_OPTION = click.option(
+    "--no-sandbox", is_flag=True,
+    help="run candidate code without isolation (where no sandbox can be made); recorded in every "
+         "fingerprint and printed with every verdict")
 MODEL_OPTION = click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                             help="the workload's model file, for a harness that runs one (llamacpp: a GGUF); "
                                  "default: the harness's own")
+
+
+def _sandbox(no_sandbox: bool, env_name: str = "native") -> str:
+    """Apply --no-sandbox (LAB_SANDBOX=off for every runner) or refuse to start where no sandbox
+    can be made; returns what isolates candidate code, for the verdict lines. In a container the
+    runner checks for itself: it refuses without a sandbox, and its record says which it used."""
+    import os
+
+    from . import sandbox
+
+    if no_sandbox:
+        os.environ[sandbox.ENV_MODE] = "off"
+    elif env_name != "docker":
+        sandbox.check_available()
+    return sandbox.describe() if env_name != "docker" or no_sandbox else "bubblewrap in the container"
 
 
 def _console():
@@ -87,13 +106,15 @@ def lock(harness):
 
 
 # --- single evaluations ---------------------------------------------------------------------
-def _one_evaluation(harness_name, src, against, env_name, mode, runs_dir, delta=None, model_path=None):
+def _one_evaluation(harness_name, src, against, env_name, mode, runs_dir, delta=None, model_path=None,
+                    no_sandbox=False):
     from . import stats
     from .envs import get
     from .evaluate import run_evaluation
     from .harness import load
     from .store import new_run_id
 
+    isolation = _sandbox(no_sandbox, env_name)
     harness = load(harness_name, model=model_path)
     harness.preflight()
     env = get(env_name, harness)
@@ -103,13 +124,16 @@ def _one_evaluation(harness_name, src, against, env_name, mode, runs_dir, delta=
     outcome = run_evaluation(harness, src, work, env=env, mode=mode,
                              incumbent_tree=Path(against) if against else harness.source_tree(),
                              delta=delta or stats.MIN_DELTA)
-    return harness, outcome
+    if env_name == "docker" and not no_sandbox:
+        isolation = outcome.evaluation.fingerprint.get("sandbox") or isolation
+    return harness, outcome, isolation
 
 
-def _report(harness, outcome, as_json) -> None:
+def _report(harness, outcome, as_json, isolation) -> None:
     ev, v = outcome.evaluation, outcome.verdict
     if as_json:
         return _print_json({"verdict": v.to_dict(), "speedup": v.speedup, "record": str(outcome.record_path),
+                            "sandbox": isolation,
                             "check": ev.check.to_dict() if ev.check else None, "reason": ev.reason})
     if ev.check:
         for line in ev.check.lines:
@@ -129,6 +153,7 @@ def _report(harness, outcome, as_json) -> None:
     if v.reason or ev.reason:
         text += f"  — {v.reason or ev.reason}"
     click.echo(text)
+    click.echo(f"sandbox: {isolation}")
     click.echo(f"record: {outcome.record_path}")
 
 
@@ -139,10 +164,12 @@ def _report(harness, outcome, as_json) -> None:
 @ENV_OPTION
 @RUNS_OPTION
 @JSON_OPTION
-def check(harness, src, model_path, env_name, runs_dir, as_json):
+@NO_SANDBOX_OPTION
+def check(harness, src, model_path, env_name, runs_dir, as_json, no_sandbox):
     """Build a tree of HARNESS and run its oracle; print and record the verdict."""
-    h, outcome = _one_evaluation(harness, src, None, env_name, "check", runs_dir, model_path=model_path)
-    _report(h, outcome, as_json)
+    h, outcome, isolation = _one_evaluation(harness, src, None, env_name, "check", runs_dir,
+                                            model_path=model_path, no_sandbox=no_sandbox)
+    _report(h, outcome, as_json, isolation)
     sys.exit(0 if outcome.verdict.status == "PASS" else 1)
 
 
@@ -157,11 +184,14 @@ def check(harness, src, model_path, env_name, runs_dir, as_json):
 @ENV_OPTION
 @RUNS_OPTION
 @JSON_OPTION
-def bench(harness, src, against, delta, against_record, model_path, env_name, runs_dir, as_json):
+@NO_SANDBOX_OPTION
+def bench(harness, src, against, delta, against_record, model_path, env_name, runs_dir, as_json, no_sandbox):
     """One paired evaluation: candidate (--src) against incumbent (--against)."""
+    _sandbox(no_sandbox, env_name)  # before the comparison: the sandbox is part of the fingerprint
     earlier = _comparable_record(harness, against_record, env_name, model_path) if against_record else None
-    h, outcome = _one_evaluation(harness, src, against, env_name, "evaluate", runs_dir, delta, model_path)
-    _report(h, outcome, as_json)
+    h, outcome, isolation = _one_evaluation(harness, src, against, env_name, "evaluate", runs_dir, delta,
+                                            model_path, no_sandbox)
+    _report(h, outcome, as_json, isolation)
     if earlier is not None and not as_json:
         v = earlier.get("verdict") or {}
         click.echo(f"earlier record {against_record}: {v.get('status', earlier.get('status', '?'))}")
@@ -177,8 +207,10 @@ def _comparable_record(harness_name, path: Path, env_name, model_path=None) -> d
 
     data = json.loads(path.read_text())
     h = load(harness_name, model=model_path)
+    from . import sandbox
+
     now = collect(extra={"harness_lock": h.lock_digest(), "environment": get(env_name, h).reference(),
-                         **model_fingerprint(h)})
+                         **model_fingerprint(h), "sandbox": sandbox.describe()})
     differ = differences(data.get("fingerprint") or {}, now)
     if differ:
         raise FingerprintMismatch(
@@ -194,8 +226,10 @@ def _comparable_record(harness_name, path: Path, env_name, model_path=None) -> d
 @ENV_OPTION
 @RUNS_OPTION
 @JSON_OPTION
-def noise(harness, pairs, model_path, env_name, runs_dir, as_json):
+@NO_SANDBOX_OPTION
+def noise(harness, pairs, model_path, env_name, runs_dir, as_json, no_sandbox):
     """Measure the A/A noise floor of HARNESS on this machine."""
+    isolation = _sandbox(no_sandbox, env_name)
     from . import stats
     from .envs import get
     from .evaluate import run_evaluation
@@ -212,6 +246,7 @@ def noise(harness, pairs, model_path, env_name, runs_dir, as_json):
     if ev.status or not ev.pairs:
         raise LabError(f"no A/A measurement: {ev.status} {ev.reason}")
     report = stats.noise_report(stats.log_ratios(ev.pairs), ev.telemetry)
+    report["sandbox"] = ev.fingerprint.get("sandbox") if env_name == "docker" and not no_sandbox else isolation
     report["record"] = str(outcome.record_path)
     if as_json:
         return _print_json(report)
@@ -257,8 +292,10 @@ def _display(quiet: bool):
 @ENV_OPTION
 @RUNS_OPTION
 @JSON_OPTION
-def try_(harness, patch, hypothesis, run_path, no_confirm, model_path, env_name, runs_dir, as_json):
+@NO_SANDBOX_OPTION
+def try_(harness, patch, hypothesis, run_path, no_confirm, model_path, env_name, runs_dir, as_json, no_sandbox):
     """A person's idea through the same gate as an agent's: apply PATCH, evaluate, decide."""
+    isolation = _sandbox(no_sandbox, env_name)
     from .agents import Proposal
     from .envs import get
     from .harness import load
@@ -285,10 +322,11 @@ def try_(harness, patch, hypothesis, run_path, no_confirm, model_path, env_name,
         lab.measure_noise()
     event = lab.experiment(Proposal(patch=text, hypothesis=hypothesis or Path(patch).stem))
     if as_json:
-        return _print_json({"run": str(lab.folder.path), "event": event})
+        return _print_json({"run": str(lab.folder.path), "event": event, "sandbox": isolation})
     status = event.get("verdict", {}).get("status") or f"REJECTED ({event.get('reason')}: {event.get('detail', '')})"
     click.echo(f"#{event['number']} {status}: {event.get('description', '')}"
                + (f" — {event['verdict']['reason']}" if event.get("verdict", {}).get("reason") else ""))
+    click.echo(f"sandbox: {isolation}")
     click.echo(f"run: {lab.folder.path}")
 
 
@@ -393,7 +431,8 @@ def export(run_path, experiment, out):
 @MODEL_OPTION
 @RUNS_OPTION
 @JSON_OPTION
-def reproduce(bundle, env_name, harness_ref, model_path, runs_dir, as_json):
+@NO_SANDBOX_OPTION
+def reproduce(bundle, env_name, harness_ref, model_path, runs_dir, as_json, no_sandbox):
     """Reproduce a bundle: same build, same outputs on the recorded seeds, the speedup re-timed.
 
     Exit 0: reproduced (correct, artifacts and outputs identical, speedup consistent); 2: refused
@@ -413,9 +452,10 @@ def reproduce(bundle, env_name, harness_ref, model_path, runs_dir, as_json):
         env = DockerEnv(harness, image=recorded_env if "@sha256:" in recorded_env else None)
     else:
         env = get("native" if env_name == "auto" else env_name, harness)
+    isolation = _sandbox(no_sandbox, env.name)
     report = reproduce_bundle(bundle, harness, env, runs_dir / "records" / f"{new_run_id(harness.name)}-reproduce")
     if as_json:
-        _print_json(report)
+        _print_json({**report, "sandbox": isolation})
     else:
         def fmt(v):
             return (f"{v['status']} {v['speedup']:.4f}x (99% CI {v['ci'][0]:.4f}-{v['ci'][1]:.4f}, {v['pairs']} pairs)"
@@ -436,6 +476,7 @@ def reproduce(bundle, env_name, harness_ref, model_path, runs_dir, as_json):
              + (f"; cumulative {cumulative:.4f}x" if isinstance(cumulative, (int, float)) else ""),
              fmt(report["speedup_now"]), same(report["speedup_consistent"], "consistent", "NOT REPRODUCED")],
             ["fingerprint fields that differ", "", ", ".join(report["fingerprint_differences"]) or "none", ""],
+            ["sandbox", "", isolation, ""],
         ])
         click.echo("reproduced" if report["ok"] else
                    f"NOT reproduced: {', '.join(report['failed'])} (exit {report['exit_code']})")
@@ -492,15 +533,18 @@ def parse_duration(text: str) -> float:
 @click.option("--quiet", is_flag=True)
 @ENV_OPTION
 @RUNS_OPTION
+@NO_SANDBOX_OPTION
 def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agent_effort, agent_max_tokens,
         no_thinking, max_episode_usd, max_api_wait, model_path, web_search, delta,
-        gpu_index, gpus_text, executor, address, resume_path, quiet, env_name, runs_dir):
+        gpu_index, gpus_text, executor, address, resume_path, quiet, env_name, runs_dir, no_sandbox):
     """The main job: let an agent hill-climb HARNESS until a budget ends.
 
     With --resume RUN the run keeps every setting it was started with (agent, models, limits, env,
     GPUs, ...) except the options given again; its budget is what is left of the original one
     (--budget given again: this much more from now). A run cannot change its environment or its
     model. One process owns a run folder at a time."""
+    # --no-sandbox is never taken from a run's record: a resumed run is sandboxed unless the user
+    # says so again on this command line.
     from .agents import make_agent
     from .envs import get
     from .harness import load
@@ -525,6 +569,7 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agen
         raise click.UsageError("--executor ray needs --address HOST:PORT (the Ray head)")
     if not harness:
         raise click.UsageError("name a harness (see `lab harnesses`) or give --resume RUN")
+    isolation = _sandbox(no_sandbox, values["env"])  # no sandbox here and no --no-sandbox: stop now
     h = load(harness, model=model_path)  # a resumed run takes its recorded model (Lab.resume)
     h.preflight()  # no GPU: stop now, before an agent or a run folder exists
     env = get(values["env"], h)
@@ -553,7 +598,7 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agen
     if parallel:
         lab.attach(workers, slots)
     view.lab = lab
-    click.echo(f"run folder: {lab.folder.path} (branch {lab.folder.meta['branch']})")
+    click.echo(f"run folder: {lab.folder.path} (branch {lab.folder.meta['branch']}); sandbox: {isolation}")
     plan = _print_agent_plan(agent, settings.budget_s, settings.max_usd)
     if plan:  # in log.md too, for the morning
         lab.folder.append("note", kind="agent_plan", text=plan.replace("\n", "; "))
@@ -566,6 +611,7 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agen
     summary = lab.summary()
     click.echo(f"stopped: {reason}")
     _print_summary(summary)
+    click.echo(f"sandbox: {isolation}")
 
 
 # The run's options that are settings (Settings fields), by their Click parameter names.

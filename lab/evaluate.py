@@ -1,9 +1,13 @@
 """The lab's side of one evaluation: stage, launch the runner in its environment, decide.
 
 Staging copies only the editable files of each tree, so nothing else of a candidate reaches
-the build. The seeds are secret: chosen here from the OS, handed to the runner in a file, and
-logged only after the verdict. A runner that outlives its timeout is killed with its process
-group (TIMEOUT); one that dies without a record is a CRASH with the end of its stderr.
+the build. The seeds are secret: chosen here from the OS, handed to the runner in a request file
+(with a fresh nonce) that no sandboxed candidate process can see, and logged only after the
+verdict. The record comes back on the runner's stdout, framed with that nonce (records.frame),
+and is checked against the request (nonce, harness, mode, the staged sources' hashes, the seeds)
+before anything reads it; the lab then writes it to the work folder itself, scrubbed. A runner
+that outlives its timeout is killed with its process group (TIMEOUT); one that sends no valid
+record is a CRASH with the reason.
 """
 
 from __future__ import annotations
@@ -11,16 +15,20 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import stats
 from .envs import Env, Mount
 from .harness import Harness, stage_editable, verify_lock
-from .records import CRASH, PASS, TIMEOUT, Evaluation, Verdict
+from .records import CRASH, PASS, TIMEOUT, Evaluation, Verdict, unframe
 from .runner import default_cache
+from .scrub import scrub
+from .store import atomic_write
 
 STDERR_TAIL = 3000
+ENV_SANDBOX = "LAB_SANDBOX"  # lab.sandbox.ENV_MODE
 
 
 @dataclass
@@ -74,13 +82,14 @@ def run_evaluation(
     if incumbent_tree is not None and mode == "evaluate":
         extra["incumbent_source"] = stage_editable(harness, incumbent_tree, stage / "incumbent")
 
-    seeds_file = work_dir / "seeds.json"
+    request_file = work_dir / "request.json"
     # Fresh secret seeds, unless a reproduction replays the seeds a bundle recorded.
-    seeds = {"check": list(check_seeds) if check_seeds else secret_seeds(harness.oracle_seeds),
-             "timing": secret_seeds(1)[0]}
-    fd = os.open(seeds_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    request = {"nonce": secrets.token_hex(16), "sandbox": sandbox_env()[ENV_SANDBOX],
+               "check": list(check_seeds) if check_seeds else secret_seeds(harness.oracle_seeds),
+               "timing": secret_seeds(1)[0]}
+    fd = os.open(request_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(seeds, f)
+        json.dump(request, f)
 
     cache = default_cache()
     cache.mkdir(parents=True, exist_ok=True)
@@ -100,8 +109,7 @@ def run_evaluation(
         "python", "-m", "lab.runner", "--mode", mode,
         "--harness", at["harness"],
         "--candidate", f"{at['stage']}/candidate",
-        "--out", f"{at['work']}/record.json",
-        "--seeds-file", f"{at['work']}/seeds.json",
+        "--request", f"{at['work']}/request.json",
         "--delta", repr(delta), "--gpu-index", str(gpu_index), "--cache", at["cache"],
         "--fingerprint-extra", json.dumps(extra),
     ]
@@ -114,23 +122,75 @@ def run_evaluation(
     if harness.model_path is not None:
         argv += ["--model", f"{at['model']}/{harness.model_path.name}"]
 
-    result = env.run(argv, mounts=list(mounts.values()), timeout_s=timeout_s or harness.timeout_seconds,
-                     cpus=cpus, gpus=None)
-    tail = (result.stderr or "")[-STDERR_TAIL:]
+    limit = timeout_s or harness.timeout_seconds
+    result = env.run(argv, mounts=list(mounts.values()), timeout_s=limit, cpus=cpus, gpus=None,
+                     env={ENV_SANDBOX: request["sandbox"]})
+    tail = scrub((result.stderr or "")[-STDERR_TAIL:])
     if result.timed_out:
         evaluation = Evaluation(harness=harness.name, status=TIMEOUT,
-                                reason=f"the runner passed its {timeout_s or harness.timeout_seconds:.0f} s "
+                                reason=f"the runner passed its {limit:.0f} s "
                                        "limit and was killed with its process group")
-    elif not record_path.exists():
-        evaluation = Evaluation(harness=harness.name, status=CRASH,
-                                reason=f"the runner exited {result.returncode} without a record: "
-                                       + (tail.strip().splitlines() or ["no output"])[-1][:500])
     else:
-        evaluation = Evaluation.from_dict(json.loads(record_path.read_text()))
-    if not record_path.exists():
-        record_path.write_text(evaluation.to_json())
+        evaluation = received_record(result.stdout or "", request, harness, mode, extra)
+        if evaluation is None:
+            evaluation = Evaluation(harness=harness.name, status=CRASH,
+                                    reason=f"the runner exited {result.returncode} without a record: "
+                                           + (tail.strip().splitlines() or ["no output"])[-1][:500])
+    atomic_write(record_path, evaluation.to_json())  # the lab's own copy, scrubbed
     if mode == "check" and not evaluation.status:
         verdict = Verdict(status=PASS, reason="the oracle passed")
     else:
         verdict = stats.verdict_for(evaluation, delta, speed_of_light_seconds=harness.speed_of_light_seconds)
     return Outcome(evaluation, verdict, record_path, tail)
+
+
+def sandbox_env() -> dict:
+    """What the runner must know of the user's choice: LAB_SANDBOX=off for --no-sandbox."""
+    from . import sandbox
+
+    return {sandbox.ENV_MODE: sandbox.mode()}
+
+
+def received_record(stdout: str, request: dict, harness: Harness, mode: str, extra: dict) -> Evaluation | None:
+    """The runner's record, if `stdout` holds exactly one intact frame with the request's nonce;
+    a record that does not answer the request (another harness, mode, source or seeds) becomes a
+    CRASH saying so. None when there is no record at all."""
+    text = unframe(stdout, request["nonce"])
+    if text is None:
+        return None
+    text = scrub(text)  # whatever came from the candidate (errors, check lines) is free of secrets from here on
+    try:
+        evaluation = Evaluation.from_dict(json.loads(text))
+    except (ValueError, TypeError, AttributeError) as exc:
+        return Evaluation(harness=harness.name, status=CRASH, reason=f"the runner's record is malformed ({exc})"[:500])
+    problems = record_problems(evaluation, request, harness.name, mode, extra)
+    if problems:
+        return Evaluation(harness=harness.name, status=CRASH,
+                          reason="the runner's record does not answer the lab's request: " + "; ".join(problems))
+    return evaluation
+
+
+def record_problems(ev: Evaluation, request: dict, harness_name: str, mode: str, extra: dict) -> list[str]:
+    """How a record differs from the evaluation the lab asked for (empty: it answers it)."""
+    problems = []
+    if ev.nonce != request["nonce"]:
+        problems.append("another nonce")
+    if ev.harness != harness_name:
+        problems.append(f"harness {ev.harness!r}, asked {harness_name!r}")
+    if ev.mode != mode:
+        problems.append(f"mode {ev.mode!r}, asked {mode!r}")
+    seeds = list(request["check"]) + [request["timing"]]
+    if ev.seeds != seeds:
+        problems.append("other seeds than the lab's")
+    for side, build, key in (("candidate", ev.candidate_build, "candidate_source"),
+                             ("incumbent", None if mode == "aa" else ev.incumbent_build, "incumbent_source")):
+        if build is not None and key in extra and build.source_hash != extra[key]:
+            problems.append(f"the {side} built from another source than the one staged")
+    isolation = str(ev.fingerprint.get("sandbox", ""))
+    if request.get("sandbox") == "bwrap" and (ev.candidate_build or ev.pairs) and not isolation.startswith("bubblewrap"):
+        problems.append(f"candidate code ran without the sandbox asked for ({isolation or 'not said'})")
+    if ev.pairs and (ev.candidate_build is None or ev.incumbent_build is None):
+        problems.append("timed pairs without builds")
+    if ev.check is not None and ev.candidate_build is None:
+        problems.append("a check without a build")
+    return problems

@@ -8,6 +8,7 @@ is stamped on every evaluation record and run folder so that an older lab refuse
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import types
@@ -195,4 +196,41 @@ class Evaluation(Record):
     work: dict = field(default_factory=dict)
     timing_cpus: list[int] = field(default_factory=list)  # the cores the timing was pinned to
     busy_cpus: list[int] = field(default_factory=list)  # of those, busy just before the timing
+    nonce: str = ""  # the lab's request, echoed: a record answers exactly one request
+    mode: str = ""  # evaluate, check or aa, as requested
     schema_version: int = SCHEMA_VERSION
+
+
+# --- the runner's record channel --------------------------------------------------------------
+# The runner sends its record on a private copy of its stdout (lab/runner.py), framed: a begin
+# line with the request's nonce, the record's sha256 and length, the compact JSON in lines of at
+# most FRAME_LINE characters (log drivers split longer lines), and an end line.
+FRAME_BEGIN, FRAME_END, FRAME_LINE = "<<<lab-record", "<<<lab-record-end", 4000
+
+
+def frame(text: str, nonce: str) -> str:
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    chunks = [text[i:i + FRAME_LINE] for i in range(0, len(text), FRAME_LINE)] or [""]
+    return "\n".join([f"{FRAME_BEGIN} {nonce} {digest} {len(text)}", *chunks, f"{FRAME_END} {nonce}", ""])
+
+
+def unframe(output: str, nonce: str) -> str | None:
+    """The one record framed with `nonce` in `output`, intact (length and sha256 match), else
+    None. Frames with another nonce, torn frames and any other output are ignored; two frames
+    with the nonce are refused."""
+    if not nonce:
+        return None
+    lines = [line.rstrip("\r") for line in output.split("\n")]
+    found = []
+    for i, line in enumerate(lines):
+        head = line.split(" ")
+        if len(head) != 4 or head[0] != FRAME_BEGIN or head[1] != nonce:
+            continue
+        try:
+            end = lines.index(f"{FRAME_END} {nonce}", i + 1)
+        except ValueError:
+            continue
+        text = "".join(lines[i + 1:end])
+        if head[3] == str(len(text)) and hashlib.sha256(text.encode()).hexdigest() == head[2]:
+            found.append(text)
+    return found[0] if len(found) == 1 else None

@@ -1,14 +1,21 @@
 """The process that runs inside the harness's environment: build, check, paired timing, JSON out.
 
-    python -m lab.runner --harness DIR --incumbent STAGE --candidate STAGE --out RECORD.json \
-        --seeds-file SEEDS.json [--mode evaluate|check|aa] [--delta 0.005]
+    python -m lab.runner --harness DIR --incumbent STAGE --candidate STAGE \
+        --request REQUEST.json [--mode evaluate|check|aa] [--delta 0.005]
 
 It loads the harness from its locked folder (verified against lock.json), builds the staged
 editable files of both sides (cached by content hash), runs the oracle on the candidate with the
 secret seeds, then times incumbent and candidate in interleaved pairs, in random order within
 each pair, on the same fresh inputs, with GPU telemetry per block of pairs, until the paired CI
-is narrow enough or the time budget ends. It writes one `Evaluation` record, atomically. It
-decides nothing: the verdict is the lab's (lab/stats.py).
+is narrow enough or the time budget ends. It decides nothing: the verdict is the lab's
+(lab/stats.py).
+
+The record goes back over the runner's own stdout, framed with the request's nonce
+(`records.frame`), never through a file: at start the runner keeps a private, non-inheritable
+copy of fd 1 for the record and points fd 1 at stderr, so no child (a compiler, a candidate's
+worker) can write into the channel; candidate code runs in lab.sandbox, where it sees neither
+the request file (seeds, nonce) nor this process. The lab checks the record against what it asked
+for (lab/evaluate.py).
 """
 
 from __future__ import annotations
@@ -25,8 +32,7 @@ from pathlib import Path
 
 from .errors import CandidateAborted
 from .harness import Harness, load, tree_hash, verify_lock
-from .records import CRASH, FAIL, Build, Check, CheckItem, Evaluation, Pair, TelemetryBlock
-from .store import atomic_write, file_lock
+from .records import CRASH, FAIL, Build, Check, CheckItem, Evaluation, Pair, TelemetryBlock, frame
 
 PAIRS_PER_BLOCK = 5  # telemetry granularity: a throttled block drops this many pairs at most
 
@@ -35,22 +41,19 @@ def default_cache() -> Path:
     return Path(os.environ.get("LAB_CACHE") or Path.home() / ".cache" / "lab")
 
 
-# --- builds ----------------------------------------------------------------------------------
+# --- builds ---------------------------------------------------------------------------------
 def build_cached(harness: Harness, stage: Path, cache: Path) -> Build:
-    """Build a staged tree once per (locked harness, source) pair; reuse it afterwards."""
+    """Build a staged tree once per (locked harness, source) pair; reuse it afterwards, re-hashed.
+
+    The entry lives in a verified cache (lab/cache.py): every read re-hashes the artifact and a
+    changed one is evicted, logged and rebuilt, never used. A failed build is not cached."""
+    from .cache import fetch
+
     files = harness.editable_files(stage)
     source_hash = tree_hash(stage, files)
-    entry = cache / "builds" / harness.name / f"{harness.lock_digest()[:12]}-{source_hash[:20]}"
-    entry.mkdir(parents=True, exist_ok=True)
-    with file_lock(entry / ".lock"):
-        record = entry / "build.json"
-        if record.exists():
-            build = Build.from_dict(json.loads(record.read_text()))
-            if build.ok and (not build.artifact or Path(build.artifact).exists()):
-                build.cached = True
-                return build
-        out = entry / "out"
-        out.mkdir(exist_ok=True)
+    failed: list[Build] = []
+
+    def make(out: Path) -> dict | None:
         start = time.monotonic()
         try:
             build = harness.build(stage, out)
@@ -58,9 +61,24 @@ def build_cached(harness: Harness, stage: Path, cache: Path) -> Build:
             build = Build(ok=False, source_hash=source_hash, error=_summary(exc))
         build.source_hash = source_hash
         build.seconds = build.seconds or time.monotonic() - start
-        if build.ok:
-            atomic_write(record, build.to_json(indent=1))
-        return build
+        if not build.ok:
+            failed.append(build)
+            return None
+        meta = build.to_dict()
+        # Stored relative to the entry: the folder is renamed into place once made.
+        meta["artifact"] = Path(build.artifact).resolve().relative_to(out.resolve()).as_posix() if build.artifact else ""
+        return meta
+
+    key = f"{harness.lock_digest()[:12]}-{source_hash[:20]}"
+    entry = fetch(cache / "builds" / harness.name, key, make)
+    if entry is None:
+        return failed[0]
+    build = Build.from_dict(entry.meta)
+    build.artifact = str(entry.path / build.artifact) if build.artifact else ""
+    build.cached = entry.cached
+    if entry.evicted:
+        build.info = {**build.info, "cache_evicted": entry.evicted}
+    return build
 
 
 def _summary(exc: BaseException, limit: int = 2000) -> str:
@@ -184,14 +202,17 @@ def _telemetry_for(harness: Harness, gpu_index: int):
 
 # --- one evaluation ---------------------------------------------------------------------------
 def evaluate(args) -> Evaluation:
+    from . import sandbox
+
     started = time.monotonic()
+    sandbox.check_available()  # no sandbox and no --no-sandbox: refuse, with what to do
     harness = load(args.harness, model=args.model)
     verify_lock(harness)
-    seeds = json.loads(Path(args.seeds_file).read_text()) if args.seeds_file else {}
-    check_seeds = seeds.get("check") or [random.SystemRandom().getrandbits(63) for _ in range(harness.oracle_seeds)]
-    timing_seed = seeds.get("timing") or random.SystemRandom().getrandbits(63)
+    request = _request(args)
+    check_seeds = request.get("check") or [random.SystemRandom().getrandbits(63) for _ in range(harness.oracle_seeds)]
+    timing_seed = request.get("timing") or random.SystemRandom().getrandbits(63)
     record = Evaluation(harness=harness.name, seeds=list(check_seeds) + [timing_seed],
-                        work=harness.workload())
+                        work=harness.workload(), nonce=request.get("nonce", ""), mode=args.mode)
     cache = Path(args.cache) if args.cache else default_cache()
     say = (lambda msg: print(f"[runner] {msg}", file=sys.stderr, flush=True))
 
@@ -252,13 +273,23 @@ def _finish(record: Evaluation, started: float) -> Evaluation:
     return record
 
 
+def _request(args) -> dict:
+    return json.loads(Path(args.request).read_text()) if args.request else {}
+
+
 def _fingerprint(extra: dict, harness_root: str) -> dict:
+    from . import sandbox
+
+    try:
+        isolation = sandbox.describe()
+    except Exception as exc:
+        isolation = f"unknown ({_summary(exc, 200)})"
     try:
         from .system.fingerprint import collect
 
-        return collect(extra=extra, software=tuple(load(harness_root).software))
+        return {**collect(extra=extra, software=tuple(load(harness_root).software)), "sandbox": isolation}
     except Exception as exc:  # a record without a full fingerprint is still a record
-        return {**extra, "error": _summary(exc, 300)}
+        return {**extra, "sandbox": isolation, "error": _summary(exc, 300)}
 
 
 def parse_args(argv=None):
@@ -266,8 +297,7 @@ def parse_args(argv=None):
     p.add_argument("--harness", required=True, help="the harness folder (locked side)")
     p.add_argument("--incumbent", help="staged editable files of the incumbent")
     p.add_argument("--candidate", required=True, help="staged editable files of the candidate")
-    p.add_argument("--out", required=True, help="where to write the JSON record")
-    p.add_argument("--seeds-file", help="JSON {check: [...], timing: N}; secret, chosen by the lab")
+    p.add_argument("--request", help="JSON {nonce: str, check: [...], timing: N}; secret, chosen by the lab")
     p.add_argument("--mode", choices=("evaluate", "check", "aa"), default="evaluate")
     p.add_argument("--delta", type=float, default=0.005, help="decision threshold (fraction) for the stop rule")
     p.add_argument("--min-pairs", type=int, default=0)
@@ -283,22 +313,47 @@ def parse_args(argv=None):
     return args
 
 
+def private_stdout():
+    """A non-inheritable copy of fd 1 for the record; fd 1 itself then points at stderr, so that
+    whatever else writes to stdout (a child process, a library) can never reach the channel."""
+    sys.stdout.flush()
+    channel = os.fdopen(os.dup(1), "w", encoding="utf-8")  # os.dup: not inherited by children
+    os.dup2(2, 1)
+    return channel
+
+
+def _send(channel, record: Evaluation, args) -> None:
+    request = _safe_request(args)
+    record.nonce = record.nonce or str(request.get("nonce", ""))
+    record.mode = record.mode or args.mode
+    if not record.seeds and request.get("check") and request.get("timing"):
+        record.seeds = list(request["check"]) + [request["timing"]]
+    record.fingerprint = _fingerprint(json.loads(args.fingerprint_extra), args.harness)
+    channel.write(frame(record.to_json(), record.nonce))
+    channel.flush()
+    sys.stderr.flush()
+
+
+def _safe_request(args) -> dict:
+    try:
+        return _request(args)
+    except Exception:  # an unreadable request: the lab refuses the record (no nonce)
+        return {}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    channel = private_stdout()
     try:
         record = evaluate(args)
     except CandidateAborted as exc:
         record = Evaluation(harness=Path(args.harness).name, status=exc.status, reason=_summary(exc))
-        record.fingerprint = _fingerprint(json.loads(args.fingerprint_extra), args.harness)
-        atomic_write(Path(args.out), record.to_json())
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _send(channel, record, args)
         os._exit(0)  # no teardown: the device may be wedged by the candidate
     except Exception as exc:
-        # Refusals (a changed locked file, a broken harness) still leave a record behind.
+        # Refusals (a changed locked file, a broken harness, no sandbox) still send a record.
         record = Evaluation(harness=Path(args.harness).name, status=CRASH, reason=_summary(exc))
-    record.fingerprint = _fingerprint(json.loads(args.fingerprint_extra), args.harness)
-    atomic_write(Path(args.out), record.to_json())
+    _send(channel, record, args)
     return 0
 
 

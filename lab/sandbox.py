@@ -123,6 +123,11 @@ def check_available() -> None:
             "no sandbox for candidate code: bubblewrap is not installed. Install it "
             "(`apt-get install bubblewrap`, or set LAB_BWRAP to a bwrap binary), or run with "
             "--no-sandbox to evaluate candidates without isolation (recorded on every verdict)")
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise SandboxUnavailable(
+            f"no sandbox for candidate code: {path} (bubblewrap) is not an executable file. Install "
+            "bubblewrap (`apt-get install bubblewrap`) or set LAB_BWRAP to its binary, or run with "
+            "--no-sandbox to evaluate candidates without isolation (recorded on every verdict)")
     if not _probe(path):
         raise SandboxUnavailable(
             f"no sandbox for candidate code: {path} cannot create namespaces here "
@@ -209,7 +214,8 @@ class Sandbox:
         unshare = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
                    "--unshare-cgroup-try"] + ([] if os.geteuid() == 0 else ["--unshare-user"])
         args = [bwrap, *unshare, "--die-with-parent", "--new-session", "--clearenv",
-                "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/var/tmp"]
+                "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
+                "--perms", "1777", "--dir", "/var/tmp"]
         for folder in SYSTEM_READABLE:
             if os.path.islink(folder):
                 args += ["--symlink", os.readlink(folder), folder]
@@ -246,22 +252,32 @@ class Sandbox:
                         os.lchown(os.path.join(root, name), NOBODY, NOBODY)
                 os.chown(bind.host, NOBODY, NOBODY)
 
+    def _host_cwd(self) -> str | None:
+        """Without bubblewrap: the host folder behind the inside cwd (a bind's target, or a path
+        under one), else the first writable bind; under bubblewrap bwrap's --chdir does it."""
+        if mode() == "bwrap":
+            return None
+        if self.cwd:
+            for bind in sorted(self.binds, key=lambda b: len(b.target), reverse=True):
+                target = bind.target.rstrip("/")
+                if self.cwd == target or self.cwd.startswith(target + "/"):
+                    return str(Path(bind.host) / self.cwd[len(target):].lstrip("/"))
+            return self.cwd if self.cwd != "/tmp" else None
+        return next((str(b.host) for b in self.binds if b.writable), None)
+
     # --- running ------------------------------------------------------------------------------
     def popen(self, argv: Sequence[str], limits: Limits, **kwargs) -> subprocess.Popen:
         """Start a long-lived sandboxed process (a worker spoken to over pipes). The caller owns
         it: end it with `kill(proc)`. Its cwd is set inside; pass no env (use `Sandbox.env`)."""
         self._prepare()
-        cwd = None if mode() == "bwrap" else (self.cwd or next(
-            (str(b.host) for b in self.binds if b.writable), None))
         return subprocess.Popen(self.command(argv, limits), start_new_session=True,
-                                env=_trampoline_env(), cwd=cwd, **kwargs)
+                                env=_trampoline_env(), cwd=self._host_cwd(), **kwargs)
 
     def run(self, argv: Sequence[str], limits: Limits, *, input: bytes | None = None,
             _bwrap: str | None = None) -> Result:
         """Run to completion within `limits.seconds`; stdout/stderr kept up to output_bytes."""
         self._prepare()
-        cwd = None if mode() == "bwrap" else (self.cwd or next(
-            (str(b.host) for b in self.binds if b.writable), None))
+        cwd = self._host_cwd()
         start = time.monotonic()
         # Output goes to unlinked files of the trusted side: bounded by RLIMIT_FSIZE, never
         # held in memory whole, and no path the candidate could learn.

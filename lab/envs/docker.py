@@ -2,7 +2,16 @@
 
 The container gets the mounts it is given (read-only unless asked), the CPU set, the GPUs it is
 given, no network unless asked, no secrets, and a build-cache volume of its own; it runs as a
-non-root user and is always removed. The environment names itself by the image's repo digest.
+non-root user with no capabilities and no-new-privileges, and is always removed. The environment
+names itself by the image's repo digest.
+
+Candidate code gets the same sandbox as natively: the runner in the container starts it under
+bubblewrap (lab/sandbox.py; the image has it), unprivileged, in a user namespace of its own. For
+bwrap to build that namespace the container lifts three of Docker's defaults, for the runner's
+container only (SANDBOX_HOST_CONFIG): the seccomp and AppArmor profiles (they forbid the
+`unshare` and `mount` a sandbox needs) and the masks over /proc (the kernel mounts a new /proc,
+the sandbox's own, only where the whole /proc is visible). Candidate code never runs outside
+that sandbox; the runner refuses to start without it unless the user said --no-sandbox.
 """
 
 from __future__ import annotations
@@ -22,6 +31,9 @@ from .native import SECRET_MARKERS
 CACHE_VOLUME = "lab-build-cache"
 CACHE_TARGET = "/cache"
 NOBODY = "65534:65534"  # for an image that declares no non-root user
+# What the runner's container needs so that bubblewrap can sandbox candidate code inside it.
+SANDBOX_SECURITY_OPT = ["no-new-privileges", "seccomp=unconfined", "apparmor=unconfined"]
+SANDBOX_HOST_CONFIG = {"MaskedPaths": [], "ReadonlyPaths": []}  # `--security-opt systempaths=unconfined`
 
 
 def engine_address() -> str:
@@ -164,14 +176,17 @@ class DockerEnv(Env):
         label = re.sub(r"[^a-zA-Z0-9_.-]", "-", getattr(self.harness, "name", "") or "run")
         name = f"lab-{label}-{uuid.uuid4().hex[:10]}"
         try:
-            container = self.client.containers.run(
-                image.id, list(argv), name=name, detach=True, user=user, environment=child_env,
-                volumes=volumes, network_mode="host" if network else "none",
+            api = self.client.api
+            host_config = api.create_host_config(
+                binds=volumes, network_mode="host" if network else "none",
                 cpuset_cpus=",".join(str(c) for c in cpus) if cpus else None,
-                device_requests=device_requests or None,
-                cap_drop=["ALL"], security_opt=["no-new-privileges"],
-                labels={"org.lab.role": "runner"},
-            )
+                device_requests=device_requests or None, cap_drop=["ALL"], security_opt=SANDBOX_SECURITY_OPT)
+            host_config.update(SANDBOX_HOST_CONFIG)
+            created = api.create_container(image.id, list(argv), name=name, user=user, environment=child_env,
+                                           host_config=host_config, labels={"org.lab.role": "runner"},
+                                           detach=True)
+            api.start(created["Id"])
+            container = self.client.containers.get(created["Id"])
         except docker.errors.DockerException as exc:
             self._remove(name)
             if device_requests and "device driver" in str(exc):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from ..scrub import SECRET_MARKERS
 from .base import Env, Mount, RunResult
 
 
@@ -92,9 +93,6 @@ class NativeEnv(Env):
         if argv and argv[0] == "python":
             argv = [sys.executable] + argv[1:]
         return run_process_group(argv, timeout_s=timeout_s, env=child_env, preexec=preexec)
-
-
-SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 
 
 def scrubbed_environ() -> dict:
