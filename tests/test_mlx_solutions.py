@@ -131,7 +131,8 @@ def test_solution_verdict(mlx_harness, tmp_path, patch):
         assert out.verdict.status == "TIMEOUT", (out.verdict, out.stderr_tail)
         _no_worker_survived()
         return
-    out = _evaluate(mlx_harness, tmp_path, patch)
+    # the cheat of CAUGHT_WHEN_TIMED starts at the 13th request: time long enough to get there
+    out = _evaluate(mlx_harness, tmp_path, patch, **({"max_seconds": 120} if patch in CAUGHT_WHEN_TIMED else {}))
     status, ev = out.verdict.status, out.evaluation
     if expected == "SAME":
         # Decided by the real timing alone, whatever the pipeline reports about itself: never
