@@ -46,6 +46,9 @@ FAILED_CHECKS = {
     # Skipped rows fail test-backend-ops and the decode only.
     "cuda/wrong/geglu_quick.patch": {"greedy_tokens", "prompt_logits", "perplexity"},
     "cuda/wrong/skip_decode_blocks.patch": {"cuda_ops", "greedy_tokens"},
+    "cuda/wrong/skip_unless_checker.patch": {"greedy_tokens"},
+    "cuda/wrong/skip_after_n_calls.patch": {"greedy_tokens"},
+    "cuda/wrong/skip_after_wall_budget.patch": {"greedy_tokens"},
 }
 BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 # A patch runs on the backend whose sources it edits; the guard's verdict needs no build.
