@@ -40,6 +40,7 @@ from . import bench, build as builder, driver, model as models, oracle, source
 from .profile import cpu_digest, cuda_digest
 
 EDITABLE_ROOTS = ("ggml/src/ggml-cpu", "ggml/src/ggml-cuda")
+TIMING_THREADS = 1  # lab.runner pins the timing to one core (choose_timing_cpus(1)); the oracle's probes match it
 ENV_BACKEND = "LAB_LLAMACPP_BACKEND"
 
 
@@ -149,7 +150,9 @@ class LlamaCpp(Harness):
         base = self.baseline()
         reference = oracle.Reference(oracle.Tools(Path(base.artifact), model.path, self.backend),
                                      self.home / "reference" / self._reference_key(model, base))
-        threads = len(os.sched_getaffinity(0))
+        # The probes run exactly as a timed sample: the runner times on one pinned core, so one
+        # thread, and the argv is the timed one down to the thread count.
+        threads = TIMING_THREADS
         result = oracle.run(oracle.Tools(Path(build.artifact), model.path, self.backend), reference, list(seeds),
                             changed=build.info.get("changed_files", []),
                             greedy=lambda seed: self._unit(self.load(build, threads), seed, base))
