@@ -11,12 +11,15 @@ import math
 import os
 import shutil
 import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from lab import sandbox
 from lab.errors import EnvironmentUnavailable, PatchRejected
 from lab.harness import load
 from lab.workspace import guard_patch
@@ -33,7 +36,8 @@ def lc():
 
     h = load(HARNESS)
     pkg = type(h).__module__.rsplit(".", 1)[0]
-    mods = {m: importlib.import_module(f"{pkg}.{m}") for m in ("bench", "build", "gguf", "model", "oracle", "source")}
+    mods = {m: importlib.import_module(f"{pkg}.{m}")
+            for m in ("bench", "build", "driver", "gguf", "model", "oracle", "source")}
     mods["harness"] = h
     return mods
 
@@ -124,20 +128,22 @@ def test_the_command_fixes_the_workload(lc):
 
 def test_workload_counters(lc):
     h = lc["harness"]
-    assert h.workload() == {"n_gen": 128, "n_prompt": 0}
+    assert h.workload() == {"n_gen": 64, "prompt_words": [12, 24]}
 
 
 # --- a sample from a fake llama-bench ----------------------------------------------------------
-def _fake_bench(tmp_path, body: str) -> list[str]:
+def _fake_bench(tmp_path, body: str) -> tuple:
     script = tmp_path / "llama-bench"
     script.write_text(f"#!{sys.executable}\nimport json, sys, time\n{body}\n")
     script.chmod(0o755)
-    return [str(script)]
+    tmp_path.chmod(0o755)  # pytest's are root's alone; the sandbox runs as nobody
+    box = sandbox.Sandbox(binds=[sandbox.Bind(tmp_path)], python=True)
+    return box, [str(script)]
 
 
 def test_sample_from_a_sane_run(lc, tmp_path):
-    cmd = _fake_bench(tmp_path, f"time.sleep(0.05); print(json.dumps({_row(samples_ns=[20000000], avg_ts=6400.0)!r}))")
-    s = lc["bench"].run(cmd, env=dict(os.environ), threads=2, min_seconds=0.001, build_commit="0c1e57098")
+    box, cmd = _fake_bench(tmp_path, f"time.sleep(0.05); print(json.dumps({_row(samples_ns=[20000000], avg_ts=6400.0)!r}))")
+    s = lc["bench"].run(box, cmd, threads=2, min_seconds=0.001, build_commit="0c1e57098")
     assert s.ok, s.detail
     assert s.seconds == pytest.approx(0.02) and s.value == pytest.approx(6400.0)
     assert s.wall_seconds >= s.seconds
@@ -150,8 +156,8 @@ def test_sample_from_a_sane_run(lc, tmp_path):
     (f"print(json.dumps({_row(samples_ns=[9000000000], avg_ts=128/9)!r}))", "inside a process"),
 ])
 def test_a_broken_run_is_a_failed_sample_with_the_reason(lc, tmp_path, body, reason):
-    cmd = _fake_bench(tmp_path, body)
-    s = lc["bench"].run(cmd, env=dict(os.environ), threads=2, min_seconds=0.0, build_commit="0c1e57098")
+    box, cmd = _fake_bench(tmp_path, body)
+    s = lc["bench"].run(box, cmd, threads=2, min_seconds=0.0, build_commit="0c1e57098")
     assert not s.ok and reason in s.detail, s.detail
     assert math.isnan(s.seconds)
 
@@ -244,11 +250,24 @@ def test_secret_excerpts_vary_with_the_seed_and_are_reproducible(lc):
     assert 12 <= len(a.split()) <= 24 and len(o.excerpt(3, "logits", 40).split()) == 40
 
 
-def test_the_tools_run_with_a_scrubbed_environment(lc, monkeypatch):
+def test_the_tools_run_sandboxed_with_a_scrubbed_environment(lc, monkeypatch, tmp_path):
+    """The oracle's tools see the binaries, the model and the corpus, and nothing of the lab:
+    no LLAMA_ARG_* / GGML_* overrides, not the cache, not the runner's process."""
     monkeypatch.setenv("LLAMA_ARG_N_PREDICT", "1")
     monkeypatch.setenv("GGML_CPU_DISABLE_FUSION", "1")
-    env = lc["oracle"].clean_env()
-    assert "LLAMA_ARG_N_PREDICT" not in env and "GGML_CPU_DISABLE_FUSION" not in env and "PATH" in env
+    bindir = tmp_path / "bin"
+    bindir.mkdir(mode=0o755)
+    (bindir / "llama-perplexity").write_text(
+        f"#!/bin/sh\nenv; ls /proc | grep -c '^[0-9]'; ls {os.environ['LAB_CACHE']} 2>&1; head -c 20 \"$2\"\n")
+    (bindir / "llama-perplexity").chmod(0o755)
+    model = tmp_path / "m.gguf"
+    model.write_text("GGUF-model-bytes")
+    out, _ = lc["oracle"].Tools(bindir, model, "cpu").run("llama-perplexity", [])
+    assert "LLAMA_ARG" not in out and "GGML_" not in out and "PATH=" in out
+    assert "No such file" in out and "GGUF-model-bytes" in out
+    if sandbox.mode() == "bwrap":
+        count = next(line for line in out.splitlines() if line.strip().isdigit())
+        assert int(count) <= 4  # its own PID namespace: the runner is not there
 
 
 # --- the surface and its guard ----------------------------------------------------------------------
@@ -307,6 +326,7 @@ def test_cmake_flags(lc):
     cuda = " ".join(Flavor("cuda", "90").cmake_args())
     assert "-DGGML_CUDA=ON" in cuda and "-DCMAKE_CUDA_ARCHITECTURES=90" in cuda and "-DGGML_NATIVE=OFF" in cuda
     assert "test-backend-ops" in Flavor("cuda", "90").tools and "test-backend-ops" not in Flavor("cpu").tools
+    assert "lab-llama-driver" in Flavor("cpu").tools and "lab-llama-driver" in Flavor("cuda", "90").tools
 
 
 # --- the CUDA path's op check (no GPU here: a fake test-backend-ops) ---------------------------------
@@ -319,7 +339,8 @@ def test_touched_cuda_ops(lc):
 
 @pytest.mark.parametrize("mul_mat_line,passed", [("1021/1021 tests passed", True), ("1020/1021 tests passed", False),
                                                   ("0/0 tests passed", False)])  # a filter that matched nothing
-def test_cuda_op_check_reads_test_backend_ops(lc, tmp_path, mul_mat_line, passed):
+def test_cuda_op_check_reads_test_backend_ops(lc, tmp_path, mul_mat_line, passed, monkeypatch):
+    monkeypatch.setenv("LAB_SANDBOX", "off")  # the fake tool logs its argv into tmp_path
     o = lc["oracle"]
     script = tmp_path / "test-backend-ops"
     # argv: test -b CUDA0 -j N -o OP [-p FILTER]; the arguments are logged for the assertions below
@@ -446,3 +467,106 @@ def test_gpu_idle_share_averages_the_readings_inside_the_generation(lc, tmp_path
     assert "tg1024 x 2, 0.49 ms per token" in line
     monkeypatch.setattr(telemetry, "open_nvml", lambda: None)
     assert profile.gpu_busy(tmp_path, tmp_path / "m.gguf") == "GPU idle between kernels: no NVML here"
+
+
+# --- the driver: the timed run is the checked run (issue 20) -----------------------------------------
+def _scored(rows, top=None, n_prompt=7, n_vocab=4):
+    return {"n_prompt": n_prompt, "n_vocab": n_vocab, "rows": rows, "top": top or [[0, 5.0], [1, 4.0], [2, 1.0]]}
+
+
+def _answer(d, tokens, final=None, n_prompt=7):
+    final = final or {"top": [[0, 5.0], [1, 4.0]], "sumsq": 42.0}
+    return d.Answer(tokens=tokens, n_prompt=n_prompt, final=final, seconds=1.0, wall_seconds=1.0, reported_s=0.9)
+
+
+def test_verify_accepts_the_reference_stream_and_near_ties_only(lc):
+    d = lc["driver"]
+    # rows: [argmax, max logit, logit of the candidate's token, sum of squares]; RMS = sqrt(42/4)
+    eps = d.TIE_REL * math.sqrt(42 / 4)
+    exact = [[1, 5.0, 5.0, 42.0], [2, 6.0, 6.0, 42.0], [0, 5.0, 5.0, 42.0]]
+    assert d.verify(_answer(d, [1, 2]), _scored(exact), n_gen=2) == []
+    tie = [[1, 5.0, 5.0 - eps / 2, 42.0], [2, 6.0, 6.0, 42.0], [0, 5.0, 5.0, 42.0]]
+    assert d.verify(_answer(d, [3, 2]), _scored(tie), n_gen=2) == []
+    gap = [[1, 5.0, 5.0 - 2 * eps, 42.0], [2, 6.0, 6.0, 42.0], [0, 5.0, 5.0, 42.0]]
+    assert "token 0 is 3" in d.verify(_answer(d, [3, 2]), _scored(gap), n_gen=2)[0]
+    assert "returned 1 tokens" in d.verify(_answer(d, [1]), _scored(exact), n_gen=2)[0]
+    assert "tokenised the prompt" in d.verify(_answer(d, [1, 2], n_prompt=6), _scored(exact), n_gen=2)[0]
+
+
+def test_verify_holds_the_final_logits_to_the_reference(lc):
+    d = lc["driver"]
+    rows = [[1, 5.0, 5.0, 42.0], [0, 5.0, 5.0, 42.0]]
+    assert d.verify(_answer(d, [1]), _scored(rows), n_gen=1) == []
+    low = {"top": [[0, 5.0], [1, 3.9]], "sumsq": 42.0}  # one logit off by 0.1 (precision lowered)
+    assert "token 1 has logit 3.9" in d.verify(_answer(d, [1], low), _scored(rows), n_gen=1)[0]
+    scaled = {"top": [[0, 5.0], [1, 4.0]], "sumsq": 44.0}
+    assert "RMS" in d.verify(_answer(d, [1], scaled), _scored(rows), n_gen=1)[0]
+    stranger = {"top": [[0, 5.0], [3, 4.0]], "sumsq": 42.0}
+    assert "not in the reference's top 64" in d.verify(_answer(d, [1], stranger), _scored(rows), n_gen=1)[0]
+
+
+def test_driver_prompts_come_from_the_seed(lc):
+    d, o = lc["driver"], lc["oracle"]
+    words = o.corpus_words()
+    a, b = d.prompt(words, 1), d.prompt(words, 2)
+    assert a != b and a == d.prompt(words, 1) and 12 <= len(a.split()) <= 24
+    assert len(set(o.probe_seeds([5, 6]))) == o.N_PROBES
+
+
+def _fake_driver(tmp_path, body: str):
+    """A stand-in for lab-llama-driver (same protocol), in the driver's own sandbox."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(mode=0o755, exist_ok=True)
+    script = bindir / "lab-llama-driver"
+    script.write_text(f"#!{sys.executable}\nimport json, os, sys, time\n{body}\n")
+    script.chmod(0o755)
+    model = tmp_path / "m.gguf"
+    model.write_text("model")
+    d = lc_driver()
+    box = d.box(bindir, model, gpu=False)
+    box.python = True
+    return d, box, d.argv(box, bindir, model, threads=1, gpu_layers=0)
+
+
+def lc_driver():
+    import importlib
+
+    return importlib.import_module(type(load(HARNESS)).__module__.rsplit(".", 1)[0] + ".driver")
+
+
+READY = 'print(json.dumps({"event": "ready"}), flush=True)\nline = sys.stdin.readline()\n'
+ANSWER = ('print(json.dumps({"n_prompt": 5, "tokens": list(range(int(line.split()[0]))), '
+          '"final": {"top": [[1, 2.0]], "sumsq": 1.0}, "prefill_us": 1000, "decode_us": 2000}), flush=True)\n')
+
+
+def test_the_driver_is_timed_on_the_harness_clock(tmp_path):
+    d, box, cmd = _fake_driver(tmp_path, READY + "time.sleep(0.2)\n" + ANSWER)
+    answer = d.run_once(box, cmd, "a secret prompt", n_gen=4)
+    assert answer.tokens == [0, 1, 2, 3] and answer.n_prompt == 5
+    assert 0.2 <= answer.seconds < answer.process_seconds and answer.reported_s == pytest.approx(0.003)
+
+
+@pytest.mark.parametrize("body,reason", [
+    ("sys.exit(3)", "exited with status 3 before answering"),
+    (READY + "print('not json', flush=True)", "not a protocol line"),
+    (READY + 'print(json.dumps({"error": "llama_decode"}), flush=True)', "the driver failed: llama_decode"),
+    (READY + ANSWER + "time.sleep(60)", "did not exit"),
+])
+def test_a_driver_that_breaks_the_protocol_fails_the_sample(tmp_path, body, reason, monkeypatch):
+    d, box, cmd = _fake_driver(tmp_path, body)
+    monkeypatch.setattr(d, "EXIT_TIMEOUT_S", 2.0)
+    with pytest.raises(d.DriverFailed, match=reason):
+        d.run_once(box, cmd, "prompt", n_gen=4)
+
+
+@pytest.mark.skipif(sandbox.mode() != "bwrap" or sandbox.describe() == "unavailable", reason="needs bubblewrap")
+def test_nothing_the_driver_starts_outlives_it(tmp_path):
+    """A daemon (own session, double fork) started by the timed process dies with its sandbox."""
+    marker = f"lab-outlive-{os.getpid()}"
+    daemon = (f"if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+              f"        os.execvp('sh', ['sh', '-c', 'exec -a {marker} sleep 300'])\n    os._exit(0)\n")
+    d, box, cmd = _fake_driver(tmp_path, daemon + READY + ANSWER)
+    d.run_once(box, cmd, "prompt", n_gen=2)
+    time.sleep(0.2)
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+    assert not left.strip(), f"a process outlived the driver: {left}"

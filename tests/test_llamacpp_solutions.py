@@ -33,12 +33,22 @@ EXPECTED = json.loads((SOLUTIONS / "expected.json").read_text())
 FAILED_CHECKS = {
     "wrong/gelu_quick.patch": {"greedy_tokens", "prompt_logits", "perplexity"},  # wrong math everywhere
     "wrong/skip_decode_rows.patch": {"greedy_tokens"},  # only the one-token (decode) path skips work
+    # Issue 20: cheats that the old oracle (llama-completion, 64 tokens; llama-results; perplexity)
+    # passed while llama-bench timed them. The greedy probes run the timed workload's driver, the
+    # same binary, argv and prompt distribution as every timed sample: they fail there.
+    "wrong/skip_unless_checker.patch": {"greedy_tokens"},  # full work only in the known checker tools
+    "wrong/skip_after_n_calls.patch": {"greedy_tokens"},  # less work after ~40 tokens of a process
+    "wrong/skip_after_wall_budget.patch": {"greedy_tokens"},  # less work after 300 ms of decoding
+    "wrong/low_precision_long.patch": {"greedy_tokens"},  # 4-bit mantissas in decode past position 64
     # CUDA (H200, 2026-12-01): the wrong GEGLU fails greedy tokens, logits and perplexity but passes
     # test-backend-ops GEGLU, whose inputs span [-150, 150], where GELU and its sigmoid
     # approximation differ by far less than its NMSE bound: the model-level checks catch it.
     # Skipped rows fail test-backend-ops and the decode only.
     "cuda/wrong/geglu_quick.patch": {"greedy_tokens", "prompt_logits", "perplexity"},
     "cuda/wrong/skip_decode_blocks.patch": {"cuda_ops", "greedy_tokens"},
+    "cuda/wrong/skip_unless_checker.patch": {"greedy_tokens"},
+    "cuda/wrong/skip_after_n_calls.patch": {"greedy_tokens"},
+    "cuda/wrong/skip_after_wall_budget.patch": {"greedy_tokens"},
 }
 BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 # A patch runs on the backend whose sources it edits; the guard's verdict needs no build.
@@ -91,11 +101,12 @@ def test_pristine_tree_passes_its_own_oracle(llamacpp, tmp_path):
     assert out.verdict.status == "PASS", (out.verdict, out.stderr_tail)
     check = out.evaluation.check
     cuda = llamacpp.backend == "cuda"
-    assert {i.name for i in check.items} == {"greedy_tokens", "prompt_logits", "perplexity"} | (
+    assert {i.name for i in check.items} == {"greedy_tokens", "prompt_logits", "perplexity", "llama_bench_tg128"} | (
         {"cuda_ops"} if cuda else set())
-    assert any(line.startswith("greedy tokens: 3/3 prompts identical") for line in check.lines)
+    assert any(line.startswith("greedy tokens: 3/3 probes match") for line in check.lines), check.lines
     assert any("NMSE 0 " in line for line in check.lines)
-    assert set(check.output_hashes) == {"completion:france", "completion:secret0", "completion:secret1"}
+    assert any(line.startswith("llama-bench tg128 (informational") for line in check.lines)
+    assert set(check.output_hashes) == {"greedy:probe0", "greedy:probe1", "greedy:probe2"}
     build = out.evaluation.candidate_build
     assert build.ok and build.info["llama_cpp_commit"] == "0c1e57098" and build.artifact_sha256
     assert build.info["backend"] == llamacpp.backend and (build.info["cuda_arch"] != "") == cuda
@@ -130,6 +141,8 @@ def test_solution_verdicts_through_the_real_oracle(backend, patch, tmp_path, mon
     llamacpp = _harness(backend, monkeypatch)
     guard_patch(text, llamacpp)
     out = _check(llamacpp, tmp_path, patch)
+    if expected == "SAME":  # correct wherever it is checked; decided by timing (test below)
+        expected = "pass"
     want = "PASS" if expected == "pass" else expected
     assert out.verdict.status == want, (out.verdict, out.stderr_tail)
     failed = {i.name for i in out.evaluation.check.items if not i.passed}
@@ -161,8 +174,9 @@ def test_a_a_timing_gives_sane_samples(llamacpp, tmp_path):
         for s in (p.incumbent, p.candidate):
             assert s.ok, s.detail
             assert 0 < s.seconds < s.wall_seconds
-            assert s.work == {"n_gen": 128, "n_prompt": 0, "threads": threads}
-            assert s.value == pytest.approx(128 / s.seconds)
+            assert s.work["n_gen"] == s.work["generated"] == 64 and s.work["threads"] == threads
+            assert 3 < s.work["n_prompt"] < 60
+            assert s.value == pytest.approx(64 / s.seconds)
 
 
 def test_profile_digest(llamacpp):
@@ -175,3 +189,53 @@ def test_profile_digest(llamacpp):
     if "not installed" in digest:
         pytest.skip(digest)
     assert "MUL_MAT weights" in digest and "top 12 symbols" in digest
+
+
+# --- issue 20: the timed run is the checked run ---------------------------------------------------
+def _evaluate(h, tmp_path, patch, **kw):
+    """A full evaluation (oracle, then timing against the pristine incumbent) of `patch`."""
+    incumbent = _tree(h, tmp_path / "incumbent")
+    return run_evaluation(h, _tree(h, tmp_path, patch), tmp_path / "work", env=get("native"), mode="evaluate",
+                          incumbent_tree=incumbent, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cheat_inside_llama_bench_alone_is_never_kept(backend, tmp_path, monkeypatch):
+    """The issue's exploit (a quarter of the decode rows skipped inside llama-bench only): the old
+    harness KEPT it at 2.9x. llama-bench still shows the gain (informational); no verdict rests on
+    it: every timed sample runs the checked driver, where it does the full work."""
+    h = _harness(backend, monkeypatch)
+    patch = "wrong/bench_name_skip.patch" if backend == "cpu" else "cuda/wrong/bench_name_skip.patch"
+    out = _evaluate(h, tmp_path, patch, max_seconds=30, min_pairs=4)
+    ev = out.evaluation
+    assert out.verdict.status in ("SAME", "WORSE"), (out.verdict, ev.reason, out.stderr_tail)
+    assert ev.pairs and all(p.candidate.ok and p.incumbent.ok for p in ev.pairs)
+    tg = next(i for i in ev.check.items if i.name == "llama_bench_tg128").values
+    print(f"llama-bench tg128 (informational): candidate {tg['candidate_tps']:.1f}, baseline {tg['baseline_tps']:.1f}; "
+          f"verdict {out.verdict.status} {out.verdict.reason}")
+    # One unchecked repetition each: on quiet cores the cheat shows there (the issue's 2.9x), on a
+    # shared machine one repetition is too noisy to assert; what matters is that no verdict uses it.
+    assert tg["candidate_tps"] and tg["baseline_tps"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_detached_process_dies_with_its_sample(backend, tmp_path, monkeypatch):
+    """A daemon forked at the first decode (own session, double fork) that would burn CPU while
+    the incumbent is timed dies with the sandbox of its sample: not KEPT, and no daemon is left."""
+    h = _harness(backend, monkeypatch)
+    patch = "wrong/detached_spinner.patch" if backend == "cpu" else "cuda/wrong/detached_spinner.patch"
+    out = _evaluate(h, tmp_path, patch, max_seconds=30, min_pairs=4)
+    assert out.verdict.status in ("SAME", "WORSE"), (out.verdict, out.evaluation.reason, out.stderr_tail)
+    left = subprocess.run(["pgrep", "-x", "lab-spinner"], capture_output=True, text=True).stdout
+    assert not left.strip(), f"the daemon outlived its sample: {left}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_correct_change_is_not_rejected_by_the_timed_checks(backend, tmp_path, monkeypatch):
+    """No false rejections: every timed sample of a known-correct change passes its check."""
+    h = _harness(backend, monkeypatch)
+    patch = "correct/decode_chunk_size.patch" if backend == "cpu" else "cuda/correct/scale_block_size.patch"
+    out = _evaluate(h, tmp_path, patch, max_seconds=30, min_pairs=4)
+    ev = out.evaluation
+    assert out.verdict.status in ("KEEP", "SAME", "WORSE"), (out.verdict, ev.reason, out.stderr_tail)
+    assert ev.pairs and all(p.candidate.ok and p.incumbent.ok for p in ev.pairs), ev.reason

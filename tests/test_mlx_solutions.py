@@ -9,6 +9,7 @@ per timed one, about 3 minutes in all.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -35,7 +36,14 @@ FAILED_CHECKS = {
     "wrong/skip_prompt.patch": {"greedy_parity", "teacher_forced_logits", "sampled_stream_1"},
     "wrong/raises.patch": {"pipeline"},
     "wrong/garbage_on_protocol.patch": {"load"},
+    # the timed unit's shape is no longer a tell: the oracle's sampled stream has it
+    "wrong/argmax_in_timed_runs.patch": {"sampled_stream_1", "sampled_stream_2"},
 }
+# Red team (issue 20): pipelines that try to reach the runner or the lab's cache. Sandboxed, they
+# find neither; their own wrong tokens fail them; the cache must be byte-identical afterwards.
+ATTACKS = ("wrong/proc_snoop_record.patch", "wrong/poison_reference_cache.patch")
+# Passes the oracle (a fresh worker, a dozen requests), then cheats: caught in the timed units.
+CAUGHT_WHEN_TIMED = ("wrong/argmax_after_n_calls.patch",)
 
 pytestmark = pytest.mark.slow
 
@@ -90,9 +98,30 @@ def test_expected_json_covers_every_solution():
         subprocess.run(["git", "apply", "--check", str(SOLUTIONS / patch)], cwd=HARNESS, check=True)
 
 
+def _cache_files() -> dict:
+    root = Path(os.environ["LAB_CACHE"])
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "/mlx/reference/" in "/" + p.relative_to(root).as_posix()}
+
+
+def _no_worker_survived() -> None:
+    cache = os.environ["LAB_CACHE"]  # every worker's argv names its pipeline in this cache
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    assert not [p for p in ps if "worker.py" in p and cache in p], "a worker survived the runner"
+
+
 @pytest.mark.parametrize("patch", sorted(EXPECTED))
 def test_solution_verdict(mlx_harness, tmp_path, patch):
     expected = EXPECTED[patch]
+    if patch in ATTACKS:
+        mlx_harness.reference(mlx_harness._corpus())  # the cache the attack aims at exists
+        before = _cache_files()
+        assert before
+        out = _evaluate(mlx_harness, tmp_path, patch)
+        assert out.verdict.status == "FAIL", (out.verdict, out.evaluation.reason, out.stderr_tail)
+        assert "forged" not in json.dumps(out.evaluation.to_dict())  # the runner wrote its record
+        assert _cache_files() == before, "the pipeline changed the cached reference"
+        return
     if expected == "pass":  # correct, speed not at stake: the oracle alone
         out = _evaluate(mlx_harness, tmp_path, patch, mode="check")
         assert out.verdict.status == "PASS", (out.verdict, out.evaluation.reason, out.stderr_tail)
@@ -100,11 +129,10 @@ def test_solution_verdict(mlx_harness, tmp_path, patch):
     if expected == "TIMEOUT":
         out = _evaluate(mlx_harness, tmp_path, patch, timeout_s=30)
         assert out.verdict.status == "TIMEOUT", (out.verdict, out.stderr_tail)
-        cache = os.environ["LAB_CACHE"]  # every worker's argv names its pipeline in this cache
-        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
-        assert not [p for p in ps if "worker.py" in p and cache in p], "a worker survived the runner"
+        _no_worker_survived()
         return
-    out = _evaluate(mlx_harness, tmp_path, patch)
+    # the cheat of CAUGHT_WHEN_TIMED starts at the 13th request: time long enough to get there
+    out = _evaluate(mlx_harness, tmp_path, patch, **({"max_seconds": 120} if patch in CAUGHT_WHEN_TIMED else {}))
     status, ev = out.verdict.status, out.evaluation
     if expected == "SAME":
         # Decided by the real timing alone, whatever the pipeline reports about itself: never
@@ -112,6 +140,7 @@ def test_solution_verdict(mlx_harness, tmp_path, patch):
         assert status in ("SAME", "WORSE"), (out.verdict, ev.reason)
         values = sorted(p.candidate.value for p in ev.pairs)
         assert values[len(values) // 2] < 5000  # the forged 99999 tokens/s reached nothing
+        _no_worker_survived()  # detached_helper's daemon died with its sandbox
         return
     if expected == "KEEP":
         # Faster and correct: KEEP, unless other load on the machine kept the CI too wide to
@@ -123,7 +152,7 @@ def test_solution_verdict(mlx_harness, tmp_path, patch):
     if patch in FAILED_CHECKS:
         failed = {i.name for i in ev.check.items if not i.passed}
         assert FAILED_CHECKS[patch] <= failed, (failed, ev.check.lines)
-    if patch == "wrong/argmax_in_timed_runs.patch":  # passes the oracle, caught in the timed units
+    if patch in CAUGHT_WHEN_TIMED:  # passes the oracle, caught in the timed units
         assert ev.check.passed and ev.pairs and "timed tokens differ from the spec" in out.verdict.reason
 
 
@@ -143,3 +172,30 @@ def test_a_syntax_error_fails_the_build_with_the_line(mlx_harness, tmp_path):
     out = run_evaluation(mlx_harness, tree, tmp_path / "work", env=get("native"), mode="check")
     assert out.verdict.status == "FAIL"
     assert "build failed: inference.py:" in out.verdict.reason, out.verdict
+
+
+def test_every_timed_call_is_checked_with_inputs_like_the_oracles(mlx_harness, tmp_path, monkeypatch):
+    """Issue 20: each timed sample makes exactly one generate call of the pipeline, and that
+    call's tokens are verified on the reference's logits before the sample counts; its shape
+    (prompt length, token count, temperature, top-p) is one the oracle's sampled stream has too."""
+    driver = importlib.import_module(type(mlx_harness).__module__.rsplit(".", 1)[0] + ".driver")
+    oracle = importlib.import_module(type(mlx_harness).__module__.rsplit(".", 1)[0] + ".oracle")
+    (tmp_path / "out").mkdir()
+    build = mlx_harness.build(_tree(tmp_path), tmp_path / "out")
+    calls, verified = [], []
+    real_generate, real_verify = driver.generate, driver.verify
+    monkeypatch.setattr(driver, "generate", lambda w, prompt, n, t, p, seed, **kw: calls.append(
+        (len(prompt), n, t, p)) or real_generate(w, prompt, n, t, p, seed, **kw))
+    monkeypatch.setattr(driver, "verify", lambda ref, prompt, tokens, *a, **kw: verified.append(
+        len(tokens)) or real_verify(ref, prompt, tokens, *a, **kw))
+    loaded = mlx_harness.load(build)
+    try:
+        samples = [mlx_harness.sample(loaded, seed) for seed in (11, 12, 13)]
+    finally:
+        mlx_harness.unload(loaded)
+    assert all(s.ok for s in samples), [s.detail for s in samples]
+    timed = calls[1:]  # the first is the untimed warm-up
+    shape = (driver.PROMPT_TOKENS, driver.GENERATED_TOKENS, driver.TEMPERATURE, driver.TOP_P)
+    assert timed == [shape] * 3 and verified == [driver.GENERATED_TOKENS] * 3
+    corpus = mlx_harness._corpus()
+    assert len(oracle.timed_shape_prompt(corpus, 5)) == driver.PROMPT_TOKENS

@@ -1,4 +1,9 @@
-"""One timed sample: one llama-bench repetition of tg128, parsed and checked by the locked side.
+"""llama-bench's tg128, the familiar figure: measured beside the verdict, never the verdict.
+
+Nothing llama-bench generates is checked (it decodes fixed tokens), so no verdict may rest on it
+(the timed samples run the harness's driver, driver.py); the check reports one tg128 of the
+candidate and one of the baseline as information, and the profile uses it. One process, one
+repetition, sandboxed like every process that runs candidate code.
 
 The workload is fixed here, never by the candidate: `-p 0 -n 128 -r 1 -fa 1`, the model, the
 threads and the CPU mask (`-t N -C mask --cpu-strict 1`) on CPU, `-ngl 99` on a GPU. llama-bench
@@ -19,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab import Sample
+from lab import Sample, sandbox
 
 N_GEN = 128
 N_PROMPT = 0
@@ -146,16 +151,17 @@ def tg_result(text: str, *, wall_seconds: float, min_seconds: float = 0.0,
 
 
 # --- running -------------------------------------------------------------------------------------
-def run(cmd: list[str], *, env: dict, threads: int, min_seconds: float, build_commit: str) -> Sample:
+def run(box: sandbox.Sandbox, cmd: list[str], *, threads: int, min_seconds: float, build_commit: str,
+        gpu: bool = False) -> Sample:
+    """One llama-bench process in `box`; `cmd` from command() with the paths inside the box."""
     work = {"n_gen": N_GEN, "n_prompt": N_PROMPT, "threads": threads}
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S, env=env)
-    except subprocess.TimeoutExpired:
-        wall = time.perf_counter() - t0
+    result = box.run(cmd, sandbox.Limits(seconds=BENCH_TIMEOUT_S, memory_bytes=None if gpu else 8 << 30))
+    wall = time.perf_counter() - t0
+    if result.timed_out:
         return Sample(seconds=math.nan, value=0.0, ok=False, wall_seconds=wall, work=work,
                       detail=f"llama-bench ran past {BENCH_TIMEOUT_S:.0f} s and was killed")
-    wall = time.perf_counter() - t0
+    proc = subprocess.CompletedProcess(cmd, result.returncode, result.stdout, result.stderr)
     if proc.returncode != 0:
         tail = (proc.stderr or "").strip().splitlines()[-3:]
         return Sample(seconds=math.nan, value=0.0, ok=False, wall_seconds=wall, work=work,

@@ -19,16 +19,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab import Build
+from lab import Build, sandbox
 from lab.errors import EnvironmentUnavailable
 from lab.harness import sha256_file, tree_hash
 from lab.store import file_lock
 
 from . import source
 
-TOOLS = ("llama-bench", "llama-completion", "llama-perplexity", "llama-results")
+TOOLS = ("lab-llama-driver", "llama-bench", "llama-completion", "llama-perplexity", "llama-results")
 CUDA_TOOLS = ("test-backend-ops",)  # compares the CUDA ops with the CPU's
 BUILD_TIMEOUT_S = 3600
+# The harness's own driver (driver.cpp, locked): built as one more tool of the tree, linked
+# against the same libllama/ggml as every other tool of the build.
+DRIVER_SOURCE = Path(__file__).resolve().with_name("driver.cpp")
+DRIVER_DIR = "tools/lab-driver"
+DRIVER_CMAKE = ("add_executable(lab-llama-driver driver.cpp)\n"
+                "target_link_libraries(lab-llama-driver PRIVATE llama ${CMAKE_THREAD_LIBS_INIT})\n"
+                "target_compile_features(lab-llama-driver PRIVATE cxx_std_17)\n")
 ERROR_LINES = 60
 
 
@@ -149,6 +156,42 @@ def changed_from_pristine(repo: Path, staged: Path, is_editable, roots: tuple[st
     return edited + sorted(set(pristine) - have)
 
 
+def install_driver(src: Path, repo: Path) -> bool:
+    """Put the harness's driver into the working tree as tools/lab-driver (files outside the
+    editable surface, written by the harness only); True when a file changed."""
+    tools_cmake = source.pristine_file(repo, "tools/CMakeLists.txt") + b"\nadd_subdirectory(lab-driver)\n"
+    wanted = {f"{DRIVER_DIR}/driver.cpp": DRIVER_SOURCE.read_bytes(),
+              f"{DRIVER_DIR}/CMakeLists.txt": DRIVER_CMAKE.encode(),
+              "tools/CMakeLists.txt": tools_cmake}
+    changed = False
+    for rel, data in wanted.items():
+        target = src / rel
+        if target.exists() and target.read_bytes() == data:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        changed = True
+    return changed
+
+
+def _build_box(src: Path, bld: Path, cache_dir: Path, env: dict, gpu: bool) -> sandbox.Sandbox:
+    """CMake, Ninja and the compilers run the candidate's build files (ggml-cpu/CMakeLists.txt
+    is editable): sandboxed, the tree read-only, only the build folder and ccache writable."""
+    bld.mkdir(parents=True, exist_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    binds = [sandbox.Bind(src), sandbox.Bind(bld, writable=True), sandbox.Bind(cache_dir, writable=True)]
+    keep = {k: v for k, v in env.items() if k.startswith("CCACHE_") or k in ("PATH", "CUDA_HOME", "CUDACXX")}
+    return sandbox.Sandbox(binds=binds, gpu=False, env=keep, cwd=str(bld))
+
+
+def _run_sandboxed(box: sandbox.Sandbox, cmd: list[str], gpu: bool) -> subprocess.CompletedProcess:
+    result = box.run(cmd, sandbox.Limits(seconds=BUILD_TIMEOUT_S, memory_bytes=None if gpu else 32 << 30,
+                                         output_bytes=8 << 20))
+    if result.timed_out:
+        raise subprocess.TimeoutExpired(cmd, BUILD_TIMEOUT_S)
+    return subprocess.CompletedProcess(cmd, result.returncode, result.stdout, result.stderr)
+
+
 def _sanitize(text: str, workdir: Path) -> str:
     return text.replace(str(workdir / "src") + "/", "").replace(str(workdir), "<build>")
 
@@ -180,14 +223,18 @@ def build(staged: Path, out: Path, *, home: Path, flavor: Flavor, is_editable, r
             shutil.rmtree(src, ignore_errors=True)
             shutil.rmtree(bld, ignore_errors=True)
             source.export_pristine(repo, src)
+            install_driver(src, repo)
+            marker.write_text(_locked_manifest(src, is_editable))
+        elif install_driver(src, repo):  # the harness's driver changed (a new lock)
             marker.write_text(_locked_manifest(src, is_editable))
         changed = overlay(src, staged, is_editable, roots)
         edited = changed_from_pristine(repo, staged, is_editable, roots)
         env = {**os.environ, **ccache_env(workdir, home)}
+        box = _build_box(src, bld, Path(env["CCACHE_DIR"]), env, flavor.backend == "cuda")
         log_parts = []
         if not (bld / "build.ninja").exists():
-            proc = subprocess.run(["cmake", "-S", str(src), "-B", str(bld), *flavor.cmake_args()],
-                                  capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT_S)
+            proc = _run_sandboxed(box, ["cmake", "-S", str(src), "-B", str(bld), *flavor.cmake_args()],
+                                  flavor.backend == "cuda")
             log_parts.append(proc.stdout + proc.stderr)
             if proc.returncode != 0:
                 text = _sanitize("\n".join(log_parts), workdir)
@@ -195,7 +242,7 @@ def build(staged: Path, out: Path, *, home: Path, flavor: Flavor, is_editable, r
                              report=text[-4000:], seconds=time.monotonic() - started)
         cmd = ["cmake", "--build", str(bld), "-j", str(jobs or os.cpu_count() or 2), "--target", *flavor.tools]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT_S)
+            proc = _run_sandboxed(box, cmd, flavor.backend == "cuda")
         except subprocess.TimeoutExpired:
             return Build(ok=False, source_hash="", error=f"the build ran past {BUILD_TIMEOUT_S} s",
                          seconds=time.monotonic() - started)

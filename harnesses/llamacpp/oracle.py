@@ -1,21 +1,25 @@
 """The oracle: a candidate build must compute what the pristine build computes.
 
-Three checks, each against the pristine (baseline) build of the same pinned tree, run on the
-same machine and model, with the same fixed settings:
+Checks, each against the pristine (baseline) build of the same pinned tree, run on the same
+machine and model, with the same fixed settings:
 
-1. greedy tokens (generation path, one token per step): `llama-completion --temp 0` for 64
-   tokens on a public prompt and on one secret excerpt of the corpus per seed; the text must be
-   identical. One wrong logit that moves an argmax shows here.
+1. greedy tokens (generation path, one token per step): the harness's driver, exactly as a timed
+   sample runs it (same binary, same argv, prompts drawn from the same distribution of secret
+   corpus excerpts), N_PROBES times; every token must be the pristine build's argmax on its
+   teacher-forced logits, or a near-tie of it, and the final logits must match (driver.py). A
+   candidate cannot tell these runs from the timed ones, and the timed ones are checked the
+   same way anyway.
 2. prompt logits (batched path): `llama-results` on a secret excerpt writes every position's
    logits; the harness reads both files itself and requires the same tokens and an NMSE of the
    logits under 1e-6 (llama-results' own bound; the tool's `--check` verdict is not used).
 3. perplexity on the corpus (`llama-perplexity -c 128 --chunks 4`) within 0.1 % of the baseline.
+4. CUDA only: test-backend-ops against the CPU for the ops of the ggml-cuda files changed.
 
-The pristine build's answers for the public inputs are computed once per machine and cached;
-the secret ones are computed fresh at every check, after the candidate's, from seeds the
-candidate never sees. Every tool runs in its own process with a scrubbed environment (no
-LLAMA_ARG_* or GGML_* overrides), a fixed thread count (results do not depend on the timing
-cores) and a time limit.
+The pristine build's perplexity is computed once per machine and cached; everything secret is
+computed fresh at every check, from seeds the candidate never sees. Every tool runs sandboxed
+(lab/sandbox.py: the binaries, the model and the corpus read-only, a scratch folder for its
+output, nothing of the lab visible, a scrubbed environment), with a fixed thread count (results do
+not depend on the timing cores) and a time limit.
 """
 
 from __future__ import annotations
@@ -34,49 +38,53 @@ from pathlib import Path
 
 import numpy as np
 
-from lab import Check, CheckItem
+from lab import Check, CheckItem, Sample, sandbox
 
-from . import gguf
+from . import driver, gguf
 
 CORPUS = Path(__file__).resolve().parent / "data" / "declaration.txt"
-PUBLIC_PROMPTS = {"france": "The capital of France is"}
-N_PREDICT = 64
+N_PROBES = 3  # driver runs per check, each on its own secret prompt
 CTX = 512
 ORACLE_THREADS = 2  # fixed: some CPU paths split work by thread count (FA over >= 512 keys)
-EXCERPT_WORDS = (12, 24)  # words of a secret completion prompt
 LOGITS_WORDS = 40  # words of the secret prompt whose logits are compared
 NMSE_BOUND = 1e-6
 PPL_CTX, PPL_CHUNKS = 128, 4
 PPL_REL_BOUND = 1e-3
 TOOL_TIMEOUT_S = 180.0
-ENV_PREFIXES = ("LLAMA_", "GGML_")  # settings the tools read from the environment
+CORPUS_INSIDE = "/lab/corpus.txt"
+OUT_INSIDE = "/lab/out"
 
 
 @dataclass
 class Tools:
-    """The binaries of one build and how to run them on one model."""
+    """The binaries of one build and how to run them on one model, sandboxed."""
 
     bindir: Path
     model: Path
     backend: str
 
-    def common(self) -> list[str]:
-        return ["-m", str(self.model), "-t", str(ORACLE_THREADS), "-fa", "on", "-fit", "off",
+    def common(self, box: sandbox.Sandbox) -> list[str]:
+        return ["-m", box.path(self.model), "-t", str(ORACLE_THREADS), "-fa", "on", "-fit", "off",
                 "-ngl", "99" if self.backend == "cuda" else "0"]
 
-    def run(self, tool: str, args: list[str], timeout: float = TOOL_TIMEOUT_S, model_args: bool = True) -> tuple[str, str]:
-        """(stdout, stderr) of one tool; ToolFailed with the reason when it fails or hangs."""
-        cmd = [str(self.bindir / tool), *(self.common() if model_args else []), *args]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env=clean_env())
-        except subprocess.TimeoutExpired:
-            raise ToolFailed(f"{tool} did not finish within {timeout:.0f} s") from None
-        out = proc.stdout.decode("utf-8", errors="replace")
-        err = proc.stderr.decode("utf-8", errors="replace")
-        if proc.returncode != 0:
-            tail = " | ".join(err.strip().splitlines()[-3:])[-400:]
-            raise ToolFailed(f"{tool} exited {_exit_text(proc.returncode)}: {tail}")
-        return out, err
+    def run(self, tool: str, args: list, timeout: float = TOOL_TIMEOUT_S, model_args: bool = True,
+            out_dir: Path | None = None) -> tuple[str, str]:
+        """(stdout, stderr) of one tool; ToolFailed with the reason when it fails or hangs. Path
+        arguments are the corpus or files under `out_dir` (the one writable folder)."""
+        extra = [sandbox.Bind(CORPUS, CORPUS_INSIDE)]
+        if out_dir is not None:
+            extra.append(sandbox.Bind(Path(out_dir), OUT_INSIDE, writable=True))
+        gpu = self.backend == "cuda"
+        box = driver.box(self.bindir, self.model, gpu=gpu, extra=tuple(extra))
+        cmd = [box.path(self.bindir / tool), *(self.common(box) if model_args else []),
+               *[box.path(a) if isinstance(a, Path) else a for a in args]]
+        result = box.run(cmd, driver.limits(timeout, gpu))
+        if result.timed_out:
+            raise ToolFailed(f"{tool} did not finish within {timeout:.0f} s")
+        if result.returncode != 0:
+            tail = " | ".join(result.stderr.strip().splitlines()[-3:])[-400:]
+            raise ToolFailed(f"{tool} exited {_exit_text(result.returncode)}: {tail}")
+        return result.stdout, result.stderr
 
 
 class ToolFailed(RuntimeError):
@@ -92,10 +100,6 @@ def _exit_text(code: int) -> str:
         except ValueError:
             return f"on signal {-code}"
     return str(code)
-
-
-def clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIXES)}
 
 
 def sha256_text(text: str) -> str:
@@ -117,20 +121,15 @@ def excerpt(seed: int, purpose: str, n_words: int | tuple[int, int]) -> str:
 
 
 # --- the three measurements ----------------------------------------------------------------------
-def completion(tools: Tools, prompt: str) -> str:
-    out, _ = tools.run("llama-completion", ["-p", prompt, "-n", str(N_PREDICT), "--temp", "0", "-no-cnv",
-                                            "--ignore-eos", "--no-display-prompt", "-c", str(CTX), "-s", "0"])
-    return out
-
-
-def prompt_logits(tools: Tools, prompt: str, out_file: Path) -> tuple[np.ndarray, np.ndarray]:
+def prompt_logits(tools: Tools, prompt: str, out_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, logits[n_tokens, n_vocab]) as written by llama-results, read by the harness."""
-    tools.run("llama-results", ["-p", prompt, "-o", str(out_file), "-c", str(CTX)])
+    out_file = Path(out_dir) / name
+    tools.run("llama-results", ["-p", prompt, "-o", out_file, "-c", str(CTX)], out_dir=out_dir)
     try:
         g = gguf.read(out_file)
         tokens = np.array(g.array("tokens"), dtype=np.int64)
         logits = np.array(g.array("logits"), dtype=np.float64)
-    except gguf.NotGGUF as exc:
+    except (gguf.NotGGUF, OSError) as exc:
         raise ToolFailed(f"llama-results wrote no readable results: {exc}") from None
     return tokens, logits.reshape(tokens.size, -1)
 
@@ -139,7 +138,7 @@ PPL_RE = re.compile(r"Final estimate: PPL = ([0-9.eE+-]+|nan|inf)")
 
 
 def perplexity(tools: Tools) -> float:
-    out, err = tools.run("llama-perplexity", ["-f", str(CORPUS), "-c", str(PPL_CTX), "--chunks", str(PPL_CHUNKS)])
+    out, err = tools.run("llama-perplexity", ["-f", CORPUS, "-c", str(PPL_CTX), "--chunks", str(PPL_CHUNKS)])
     found = PPL_RE.findall(out + "\n" + err)
     if not found:
         raise ToolFailed("llama-perplexity printed no final estimate")
@@ -156,7 +155,7 @@ def nmse(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 # --- the pristine build's answers ----------------------------------------------------------------
 class Reference:
-    """The baseline's answers for the public inputs, cached in `folder` (per machine and model)."""
+    """The baseline's answer for the public input (perplexity), cached in `folder` (per machine and model)."""
 
     def __init__(self, tools: Tools, folder: Path):
         self.tools, self.folder = tools, folder
@@ -172,21 +171,19 @@ class Reference:
         os.replace(tmp, path)
         return value
 
-    def completion(self, name: str, prompt: str) -> str:
-        return self._cached(f"completion-{sha256_text(prompt)[:16]}", lambda: completion(self.tools, prompt))
-
     def perplexity(self) -> float:
         return self._cached(f"ppl-{PPL_CTX}x{PPL_CHUNKS}-{sha256_text(CORPUS.read_text())[:12]}",
                             lambda: perplexity(self.tools))
 
 
 # --- the check -----------------------------------------------------------------------------------
-def run(candidate: Tools, reference: Reference, seeds: list[int], changed: list[str] = ()) -> Check:
-    """The check of `candidate`; `changed` (files that differ from the pinned tree) picks the
-    CUDA ops that test-backend-ops compares with the CPU on a CUDA build."""
+def run(candidate: Tools, reference: Reference, seeds: list[int], changed: list[str] = (), *, greedy) -> Check:
+    """The check of `candidate`; `greedy(seed)` runs one unit of the timed workload on the
+    candidate and verifies it (a Sample); `changed` (files that differ from the pinned tree) picks
+    the CUDA ops that test-backend-ops compares with the CPU on a CUDA build."""
     t0 = time.monotonic()
     items, lines, hashes = [], [], {}
-    items.append(_greedy(candidate, reference, seeds, lines, hashes))
+    items.append(_greedy(greedy, probe_seeds(seeds), lines, hashes))
     items.append(_logits(candidate, reference, seeds, lines))
     items.append(_perplexity(candidate, reference, lines))
     if candidate.backend == "cuda":
@@ -196,26 +193,24 @@ def run(candidate: Tools, reference: Reference, seeds: list[int], changed: list[
     return Check(passed=passed, items=items, lines=lines, output_hashes=hashes, seconds=time.monotonic() - t0)
 
 
-def _greedy(candidate: Tools, reference: Reference, seeds, lines, hashes) -> CheckItem:
-    prompts = [(name, p, True) for name, p in PUBLIC_PROMPTS.items()]
-    prompts += [(f"secret{i}", excerpt(s, "completion", EXCERPT_WORDS), False) for i, s in enumerate(seeds)]
+def probe_seeds(seeds: list[int]) -> list[int]:
+    """N_PROBES seeds for the greedy probes, drawn from the check's secret seeds."""
+    base = list(seeds) or [0]
+    return [int(hashlib.sha256(f"{base[i % len(base)]}:probe:{i}".encode()).hexdigest()[:15], 16)
+            for i in range(N_PROBES)]
+
+
+def _greedy(greedy, seeds: list[int], lines, hashes) -> CheckItem:
     differ = []
-    try:
-        for name, prompt, public in prompts:
-            got = completion(candidate, prompt)
-            want = reference.completion(name, prompt) if public else completion(reference.tools, prompt)
-            hashes[f"completion:{name}"] = sha256_text(got)
-            if got != want:
-                at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-                differ.append(f"{name} differs at character {at}: got {got[max(0, at - 20):at + 30]!r}, "
-                              f"baseline {want[max(0, at - 20):at + 30]!r}")
-    except ToolFailed as exc:
-        lines.append(f"greedy tokens: FAIL ({exc})")
-        return CheckItem("greedy_tokens", False, {"prompts": len(prompts)}, str(exc))
+    for i, seed in enumerate(seeds):
+        sample: Sample = greedy(seed)
+        hashes[f"greedy:probe{i}"] = sample.detail.rsplit("final logits ", 1)[-1] if sample.ok else ""
+        if not sample.ok:
+            differ.append(f"probe {i}: {sample.detail}")
     ok = not differ
-    lines.append(f"greedy tokens: {len(prompts) - len(differ)}/{len(prompts)} prompts identical to the baseline "
-                 f"({N_PREDICT} tokens each, temperature 0)")
-    return CheckItem("greedy_tokens", ok, {"prompts": len(prompts), "differing": len(differ), "n_predict": N_PREDICT},
+    lines.append(f"greedy tokens: {len(seeds) - len(differ)}/{len(seeds)} probes match the baseline "
+                 f"({driver.N_GEN} tokens each after a secret prompt, the timed workload's driver)")
+    return CheckItem("greedy_tokens", ok, {"probes": len(seeds), "differing": len(differ), "n_gen": driver.N_GEN},
                      "; ".join(differ)[:1500])
 
 
@@ -223,8 +218,10 @@ def _logits(candidate: Tools, reference: Reference, seeds, lines) -> CheckItem:
     prompt = excerpt(seeds[0] if seeds else 0, "logits", LOGITS_WORDS)
     with tempfile.TemporaryDirectory(prefix="lab-llamacpp-logits-") as tmp:
         try:
-            tok_c, log_c = prompt_logits(candidate, prompt, Path(tmp) / "candidate.gguf")
-            tok_b, log_b = prompt_logits(reference.tools, prompt, Path(tmp) / "baseline.gguf")
+            (Path(tmp) / "c").mkdir()
+            (Path(tmp) / "b").mkdir()
+            tok_c, log_c = prompt_logits(candidate, prompt, Path(tmp) / "c", "candidate.gguf")
+            tok_b, log_b = prompt_logits(reference.tools, prompt, Path(tmp) / "b", "baseline.gguf")
         except ToolFailed as exc:
             lines.append(f"prompt logits: FAIL ({exc})")
             return CheckItem("prompt_logits", False, {}, str(exc))

@@ -22,7 +22,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import bench
-from .oracle import DECODE_OPS, backend_ops_args, clean_env
+from .oracle import DECODE_OPS, backend_ops_args
+
+
+def clean_env() -> dict:
+    """No LLAMA_ARG_* or GGML_* overrides from the user's environment."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_", "GGML_"))}
 
 IDLE_N_GEN, IDLE_REPS = 1024, 3  # ~5 s of generation on an H200: many NVML readings
 NVML_POLL_S = 0.02

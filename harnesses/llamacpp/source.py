@@ -208,3 +208,12 @@ def pristine_blobs(repo: Path, paths: tuple[str, ...]) -> dict[str, str]:
 def blob_hash(path: Path) -> str:
     data = path.read_bytes()
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def pristine_file(repo: Path, rel: str) -> bytes:
+    """The pinned tree's bytes of one file."""
+    proc = subprocess.run(["git", "cat-file", "-p", f"{TREE_HASH}:{rel}"], cwd=repo, capture_output=True,
+                          env={**os.environ, **_GIT_ENV})
+    if proc.returncode != 0:
+        raise EnvironmentUnavailable(f"git cat-file {rel} failed in {repo}: {proc.stderr.decode().strip()}")
+    return proc.stdout

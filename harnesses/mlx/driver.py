@@ -8,6 +8,12 @@ and measures, in this process, on perf_counter (seconds) and on the monotonic cl
 "first" event, sent by the worker when the first token is out, gives time to first token, hence
 prompt tokens/s; both are on this clock, and the verdict uses neither. Nothing the pipeline
 prints or reports is a measurement.
+
+Every worker runs sandboxed (lab/sandbox.py): it sees its pipeline file, the locked worker and
+spec, the model (all read-only) and one scratch folder for the arrays it returns; not the lab's
+cache, the references, the seeds, the run folders or any other process. While another side is
+timed, every process of its sandbox (its PID namespace: threads, children, detached daemons) is
+frozen, so nothing it started can work or interfere off its own clock.
 """
 
 from __future__ import annotations
@@ -25,7 +31,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-WORKER = Path(__file__).resolve().with_name("worker.py")
+from lab import sandbox
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "worker.py"
+SPEC = HERE / "spec.py"
+INSIDE = {"pipeline": "/lab/pipeline/inference.py", "worker": "/lab/harness/worker.py",
+          "spec": "/lab/harness/spec.py", "scratch": "/lab/scratch"}
+WORKER_LIMIT_S = 24 * 3600.0  # a worker lives as long as its harness needs it; requests have deadlines
 
 # The workload of one timed unit: fixed here, passed to the pipeline, counted on return.
 PROMPT_TOKENS = 64
@@ -77,24 +90,34 @@ class Worker:
 
     def __init__(self, inference: Path, model_path: str, *, reference: bool = False, label: str = "worker"):
         self.label = label
-        self.scratch = Path(tempfile.mkdtemp(prefix=f"lab-mlx-{label}-"))
-        self.log_path = self.scratch / "stderr.log"
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"lab-mlx-{label}-"))  # the sandbox's one writable folder
+        self.logdir = Path(tempfile.mkdtemp(prefix=f"lab-mlx-{label}-log-"))  # outside its reach
+        self.log_path = self.logdir / "stderr.log"
         self._next_id = 0
         self._buffer = bytearray()
         self._line_time = 0.0  # perf_counter when the last chunk of protocol bytes arrived
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-        argv = [sys.executable, "-I", str(WORKER), "--inference", str(inference), "--model", str(model_path)]
+        # TMPDIR: the sandbox's /tmp is root's; mlx keeps its kernel cache under the temp folder
+        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONUNBUFFERED": "1"}
+        self.box = sandbox.Sandbox(binds=[
+            sandbox.Bind(Path(inference), INSIDE["pipeline"]), sandbox.Bind(WORKER, INSIDE["worker"]),
+            sandbox.Bind(SPEC, INSIDE["spec"]), *model_binds(Path(model_path)),
+            sandbox.Bind(self.scratch, INSIDE["scratch"], writable=True)], env=env, python=True,
+            cwd=INSIDE["scratch"])
+        self.box.env = {**env, "TMPDIR": self.box.path(self.scratch), "HOME": self.box.path(self.scratch)}
+        self.box.cwd = self.box.path(self.scratch)
+        argv = [sys.executable, "-I", self.box.path(WORKER), "--inference", self.box.path(Path(inference)),
+                "--model", str(model_path)]
         if reference:
             argv.append("--reference")
         with open(self.log_path, "wb") as log:
-            # Same process group as the runner: the lab's timeout kills the workers with it.
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                         env=env, cwd=self.scratch, bufsize=0)
+            self.proc = self.box.popen(argv, sandbox.Limits(seconds=WORKER_LIMIT_S, memory_bytes=None),
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, bufsize=0)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self.proc.stdout, selectors.EVENT_READ)
         self.ready: dict | None = None
         self.paused = False
+        self._namespace: str | None = None
 
     # --- life cycle ------------------------------------------------------------------------
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> dict:
@@ -108,16 +131,39 @@ class Worker:
         return self.ready
 
     def pause(self) -> None:
-        """Freeze the whole process (every thread): while the other side is timed, nothing of
-        this pipeline runs, so it can neither disturb that timing nor work off its own clock."""
+        """Freeze every process of this worker's sandbox (all threads, children, daemons): while
+        the other side is timed, nothing of this pipeline runs, so it can neither disturb that
+        timing nor work off its own clock."""
         if not self.paused and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGSTOP)
+            self._signal_all(signal.SIGSTOP)
             self.paused = True
 
     def resume(self) -> None:
         if self.paused and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
+            self._signal_all(signal.SIGCONT)
         self.paused = False
+
+    def processes(self) -> list[int]:
+        """Host pids of every process in this worker's sandbox (its PID namespace); without
+        bubblewrap (--no-sandbox), its process group."""
+        if self._namespace is None:
+            self._namespace = sandbox_namespace(self.proc.pid) or ""
+        if not self._namespace:
+            return group_members(self.proc.pid)
+        return namespace_members(self._namespace)
+
+    def _signal_all(self, sig: int) -> None:
+        done: set[int] = set()
+        for _ in range(8):  # again until no new process appeared (one may fork while we stop)
+            new = [p for p in self.processes() if p not in done]
+            if not new:
+                return
+            for pid in new:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            done.update(new)
 
     def close(self) -> None:
         self.resume()
@@ -126,10 +172,11 @@ class Worker:
                 self.proc.stdin.close()
                 self.proc.wait(timeout=3)
             except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
+                pass
+        sandbox.kill(self.proc)  # the whole sandbox: nothing it started outlives it
         self._selector.close()
         shutil.rmtree(self.scratch, ignore_errors=True)  # errors quoted the log's tail already
+        shutil.rmtree(self.logdir, ignore_errors=True)
 
     def stderr_tail(self, limit: int = LOG_TAIL) -> str:
         try:
@@ -170,6 +217,10 @@ class Worker:
     def scratch_file(self, name: str) -> Path:
         return self.scratch / name
 
+    def inside(self, path: Path) -> str:
+        """`path` (under the scratch folder) as the worker sees it."""
+        return self.box.path(path)
+
     def _read_line(self, deadline: float, what: str) -> tuple[dict, float]:
         """The next protocol line as a dict, and the perf_counter time at which it was read."""
         while True:
@@ -186,8 +237,7 @@ class Worker:
                 return message, self._line_time
             left = deadline - time.monotonic()
             if left <= 0:
-                self.proc.kill()
-                self.proc.wait()
+                sandbox.kill(self.proc)
                 raise WorkerTimeout(f"{self.label}: {what} did not answer within its deadline; the worker "
                                     f"was killed. {self._log_note()}")
             if self._selector.select(timeout=min(left, 1.0)):
@@ -202,14 +252,82 @@ class Worker:
         return WorkerError(f"{self.label}: {text}. {self._log_note()}")
 
     def _broken(self, text: str) -> WorkerError:
-        self.proc.kill()
-        self.proc.wait()
+        sandbox.kill(self.proc)
         return WorkerError(f"{self.label}: protocol broken ({text}); the pipeline must not write to "
                            "the worker's protocol channel")
 
     def _log_note(self) -> str:
         tail = self.stderr_tail().strip()
         return f"stderr ends: {tail[-800:]}" if tail else "no stderr"
+
+
+def model_binds(folder: Path) -> list:
+    """The model folder, read-only at its own path, and the targets of its symbolic links (a
+    hub download's snapshot links into the cache's blobs)."""
+    binds = [sandbox.Bind(folder)]
+    seen = {folder.resolve()}
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if entry.is_symlink():
+            target = entry.resolve()
+            if target not in seen and not any(target.is_relative_to(s) for s in seen):
+                binds.append(sandbox.Bind(target))
+                seen.add(target)
+    return binds
+
+
+def _pid_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def sandbox_namespace(pid: int) -> str | None:
+    """The PID namespace of the sandbox started as `pid` (bubblewrap's outer process): the first
+    descendant in a namespace other than ours; None without one (--no-sandbox)."""
+    own = _pid_namespace(os.getpid())
+    frontier, seen = [pid], set()
+    while frontier:
+        p = frontier.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        ns = _pid_namespace(p)
+        if ns and ns != own:
+            return ns
+        frontier += _children(p)
+    return None
+
+
+def namespace_members(namespace: str) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and _pid_namespace(int(name)) == namespace:
+            out.append(int(name))
+    return out
+
+
+def group_members(pid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.getpgid(int(name)) == pid:
+                    out.append(int(name))
+            except OSError:
+                pass
+    return out
 
 
 def _failure(message: dict, limit: int = 1200) -> str:
@@ -249,7 +367,7 @@ def _array_request(worker: Worker, op: str, timeout: float, **fields):
     import numpy as np
 
     path = worker.scratch_file(f"{op}-{worker._next_id + 1}.npy")
-    answer = worker.request(op, timeout, out=str(path), **fields)
+    answer = worker.request(op, timeout, out=worker.inside(path), **fields)
     try:
         with open(path, "rb") as f:
             array = np.load(f, allow_pickle=False)

@@ -6,8 +6,10 @@ this one (the harness), driver.py (workload, prompts, worker processes, the cloc
 sampler they hold pipelines to), reference.py (the pristine pipeline), model.py (which model,
 built or fetched, hashed) and corpus.txt.
 
-A pipeline never runs in this process. Each side of a comparison gets a worker process; the
-harness writes a request, reads the answer, and times the interval on its own clock. The metric
+A pipeline never runs in this process. Each side of a comparison gets a worker process,
+sandboxed (driver.py: its files read-only, one scratch folder, no view of the lab or of other
+processes; every process of its sandbox frozen while the other side is timed); the harness writes
+a request, reads the answer, and times the interval on its own clock. The metric
 is generation tokens/s of one fixed unit (64 prompt + 64 sampled tokens, prompt processing
 included); prompt tokens/s, decode tokens/s and peak memory go into each sample's detail and
 never into the verdict. Every timed unit's tokens are checked against the sampler spec on the

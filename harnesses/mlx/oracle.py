@@ -19,11 +19,13 @@ A candidate passes when, in a worker of its own:
 - teacher_forced_logits: its score() logits on the fixed text lie within the max-abs and mean-KL
   bounds of the reference's (this is what catches a quantised or truncated KV cache);
 - perplexity: its perplexity of the fixed text is within the relative bound of the reference's;
-- for each secret seed, on a prompt of secret length and offset: a sampled stream at the
-  workload's temperature and top-p whose every token is what spec.py draws from the reference's
-  logits with that seed (argmax, no top-p, other noise, a skipped prompt all fail), the same
-  request again giving the same tokens, a sampled stream at temperature 1 and top-p 0.5, and a
-  greedy stream, each checked the same way;
+- for each secret seed: a sampled stream of exactly a timed unit's shape (a PROMPT_TOKENS window
+  of the corpus at a secret offset, GENERATED_TOKENS at the workload's temperature and top-p,
+  a secret sampler seed: a pipeline cannot tell it from a timed call) whose every token is what
+  spec.py draws from the reference's logits with that seed (argmax, no top-p, other noise, a
+  skipped prompt all fail), the same request again giving the same tokens; then, on a prompt of
+  secret length and offset, a sampled stream at temperature 1 and top-p 0.5 and a greedy
+  stream, each checked the same way (every timed call is checked the same way too);
 - every request returned exactly the number of tokens asked for.
 """
 
@@ -249,13 +251,20 @@ def _teacher_forced(probe, candidate, ref, corpus) -> None:
               f"(bound {b['perplexity_rel']:.3g})")
 
 
+def timed_shape_prompt(corpus: list[int], seed: int) -> list[int]:
+    """A prompt exactly as a timed unit draws one (driver.seeded_prompt, PROMPT_TOKENS long), from
+    a secret seed: the oracle's workload-settings stream cannot be told from a timed call."""
+    return driver.seeded_prompt(corpus, driver.derive(seed, "check-timed-shape"), driver.PROMPT_TOKENS)
+
+
 def _secret_streams(probe, candidate, reference_worker, corpus, seed, i, eps) -> None:
-    prompt = secret_prompt(corpus, seed)
+    secret = secret_prompt(corpus, seed)
     sampler_seed = driver.derive(seed, "check-sampler")
     n, t, p = driver.GENERATED_TOKENS, driver.TEMPERATURE, driver.TOP_P
-    for name, temperature, top_p, count in ((f"sampled_stream_{i}", t, p, n),
-                                            (f"nucleus_stream_{i}", *NUCLEUS_PROBE, n),
-                                            (f"greedy_stream_{i}", 0.0, 1.0, GREEDY_TOKENS)):
+    for name, prompt, temperature, top_p, count in (
+            (f"sampled_stream_{i}", timed_shape_prompt(corpus, seed), t, p, n),
+            (f"nucleus_stream_{i}", secret, *NUCLEUS_PROBE, n),
+            (f"greedy_stream_{i}", secret, 0.0, 1.0, GREEDY_TOKENS)):
         tokens = driver.generate(candidate, prompt, count, temperature, top_p, sampler_seed).data["tokens"]
         probe.tokens(name, tokens)
         problem = _count_problem(tokens, count)

@@ -6,6 +6,14 @@
 #   bash scripts/llamacpp/device_check.sh tests   # the CUDA tests: pristine oracle, the CUDA
 #                                                   # solutions' verdicts, compile error, A/A, profile
 #   bash scripts/llamacpp/device_check.sh noise   # `lab noise`: baseline tg128 and the A/A floor
+#   bash scripts/llamacpp/device_check.sh timed   # issue 20, CUDA variants: the timed run is the
+#                                                   # checked run (wrong candidates per class, the
+#                                                   # correct one not rejected); then `noise` again
+#                                                   # for the A/A floor of the new (driver) samples
+#
+# Every process that builds or runs candidate code is sandboxed with bubblewrap (lab/sandbox.py).
+# A machine without it (the H200 machine) takes Debian's bubblewrap .deb unpacked with
+# `dpkg -x bubblewrap_*.deb /tmp/bwrap` and LAB_BWRAP=/tmp/bwrap/usr/bin/bwrap.
 #
 # LAB_TEST_CACHE (default /tmp/lab-llamacpp-cache) is the lab cache of all three steps, so the
 # tests reuse the build made first (machines without ccache rebuild otherwise). A machine that
@@ -40,8 +48,13 @@ EOF
   noise)
     "$PYTHON" -m lab.cli noise harnesses/llamacpp --runs /tmp/llamacpp_runs --json 2>"$OUT/noise.err" | tee "$OUT/noise.json"
     ;;
+  timed)
+    "$PYTHON" -m pytest -q -s -rA -p no:cacheprovider --durations=0 tests/test_llamacpp_solutions.py \
+      -k "cuda and (never_kept or dies_with or not_rejected or bench_name or unless_checker or skip_after or pristine)" \
+      2>&1 | tee "$OUT/timed.log"
+    ;;
   *)
-    echo "usage: $0 build|tests|noise" >&2
+    echo "usage: $0 build|tests|noise|timed" >&2
     exit 2
     ;;
 esac
