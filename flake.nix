@@ -37,6 +37,8 @@
         pkgs.ninja
         pkgs.ccache
         pkgs.git
+        pkgs.bubblewrap # the sandbox of every candidate process (lab/sandbox.py)
+        pkgs.util-linux # setpriv: the sandbox's drop to uid 65534 when the lab runs as root
       ];
       pythonWith = pkgs: extra: pkgs.python312.withPackages (ps: [
         ps.click
