@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .harness import sha256_file as _sha256
 from .store import atomic_write, file_lock, now_iso
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -48,14 +49,6 @@ class Entry:
 
 def _say(text: str) -> None:
     print(f"[cache] {text}", file=sys.stderr, flush=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hash_folder(folder: Path) -> dict[str, str]:

@@ -143,3 +143,15 @@ def git_apply_in_copy(tree: Path, patch: str, tmp_path: Path) -> Path:
     subprocess.run(["git", "apply", "--check", str(tmp_path / "p.patch")], cwd=copy, check=True)
     subprocess.run(["git", "apply", str(tmp_path / "p.patch")], cwd=copy, check=True)
     return copy
+
+
+@pytest.fixture
+def clock():
+    """A compressed clock for the agent's waits and budgets (restored after the test)."""
+    from fake_anthropic import FakeClock
+    from lab.agents import clock as agent_clock
+
+    fake = FakeClock()
+    previous = agent_clock.use(fake)
+    yield fake
+    agent_clock.use(previous)

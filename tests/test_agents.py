@@ -9,10 +9,9 @@ import pytest
 
 pytest.importorskip("anthropic")
 
-from fake_anthropic import FakeAnthropic, FakeClock, error, reply, text, tool_use  # noqa: E402
+from fake_anthropic import FakeAnthropic, error, reply, text, tool_use  # noqa: E402
 
 from lab.agents import AgentContext, AgentFatal, make_agent  # noqa: E402
-from lab.agents import clock as agent_clock  # noqa: E402
 from lab.agents.anthropic_agent import AnthropicAgent  # noqa: E402
 from lab.agents.prices import DEFAULT_MODEL, PRICES, cost_usd, price_for  # noqa: E402
 from lab.errors import LabError  # noqa: E402
@@ -25,15 +24,6 @@ OLD = "    double s = 0.0;\n    for (long i = 0; i < n; i++)\n        s += x[i] 
 NEW = ("    double s0 = 0.0, s1 = 0.0;\n    long i = 0;\n    for (; i + 1 < n; i += 2) {\n"
        "        s0 += x[i] * x[i];\n        s1 += x[i + 1] * x[i + 1];\n    }\n"
        "    for (; i < n; i++)\n        s0 += x[i] * x[i];\n    return s0 + s1;\n")
-
-
-@pytest.fixture
-def clock():
-    """A compressed clock for the agent's waits (restored after the test)."""
-    fake = FakeClock()
-    previous = agent_clock.use(fake)
-    yield fake
-    agent_clock.use(previous)
 
 
 @pytest.fixture(autouse=True)

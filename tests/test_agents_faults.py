@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("anthropic")
 
-from fake_anthropic import (FakeAnthropic, FakeClock, error, reply, stall, stream_error, text,  # noqa: E402
+from fake_anthropic import (FakeAnthropic, error, reply, stall, stream_error, text,  # noqa: E402
                             thinking, tool_use)
 from test_agents import CDOT, KEY, CompileStub, agent, tool_results  # noqa: E402
 
@@ -30,14 +30,6 @@ def _no_proxy(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.delenv("LAB_PRICES", raising=False)
-
-
-@pytest.fixture
-def clock():
-    fake = FakeClock()
-    previous = agent_clock.use(fake)
-    yield fake
-    agent_clock.use(previous)
 
 
 @pytest.fixture

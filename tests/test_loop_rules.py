@@ -6,11 +6,9 @@ evaluation path on public seeds and is recorded."""
 
 import pytest
 
-from fake_anthropic import FakeClock
 from test_loop_soak import quick_cdot
 
 from lab.agents import Agent, AgentFatal, Proposal
-from lab.agents import clock as agent_clock
 from lab.envs import get
 from lab.evaluate import Outcome
 from lab.harness import load
@@ -61,14 +59,6 @@ class Scripted(Agent):
 def quick(cdot_repo):
     quick_cdot(cdot_repo)
     return load(cdot_repo / "harnesses" / "cdot")
-
-
-@pytest.fixture
-def clock():
-    fake = FakeClock()
-    previous = agent_clock.use(fake)
-    yield fake
-    agent_clock.use(previous)
 
 
 def types(lab):
