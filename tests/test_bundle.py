@@ -23,9 +23,15 @@ TWO = (CDOT / "solutions" / "correct" / "two-accumulators.patch").read_text()
 
 
 def _kept_run(harness, repo, env):
-    lab = Lab.start(harness, repo / "runs", env, Settings(delta=0.02, canary_every=0))
-    lab.measure_noise()
-    event = lab.experiment(Proposal(patch=TWO, hypothesis="two chains"))
+    """A run whose one experiment (the two-chain patch, ~1.9x) was kept and confirmed. A fixture,
+    not an assertion: on a loaded 2-core machine a confirming run was seen to come back short
+    (once in CI while other jobs ran beside it), so a second run is allowed before giving up."""
+    for attempt in range(2):
+        lab = Lab.start(harness, repo / "runs", env, Settings(delta=0.02, canary_every=0))
+        lab.measure_noise()
+        event = lab.experiment(Proposal(patch=TWO, hypothesis="two chains"))
+        if event["verdict"]["status"] == "KEEP":
+            return lab
     assert event["verdict"]["status"] == "KEEP", event["verdict"]
     return lab
 
@@ -143,7 +149,7 @@ def test_a_bundle_measured_on_a_chosen_model_reproduces_only_on_that_model(cdot,
         reproduce(path, colleague, get("native"), tmp_path / "r2")
     colleague.use_model(model)
     report = reproduce(path, colleague, get("native"), tmp_path / "r3")
-    assert report["ok"] and report["outputs_identical"], report
+    assert report["ok"] and report["outputs_identical"], {k: report[k] for k in ("failed", "speedup_recorded", "speedup_now")}
 
 
 def test_a_bundle_on_the_harness_model_refuses_another(bundle, tmp_path):

@@ -171,3 +171,7 @@ def test_speedup_consistency_rule():
     assert speedup_consistent(keep, {**keep, "ci_low": -0.66, "ci_high": -0.6})
     assert not speedup_consistent(keep, {**keep, "ci_low": -0.6, "ci_high": -0.5})
     assert not speedup_consistent(keep, {**keep, "status": "SAME"})
+    # Within the run's delta of each other: consistent; beyond it: not.
+    near = {**keep, "delta": 0.02}
+    assert speedup_consistent(near, {**near, "ci_low": -0.64, "ci_high": -0.55})
+    assert not speedup_consistent(near, {**near, "ci_low": -0.6, "ci_high": -0.5})
