@@ -28,6 +28,7 @@ from .scrub import scrub
 from .store import atomic_write
 
 STDERR_TAIL = 3000
+CONTAINER_WORK = "/lab/work"  # where an evaluation's folder is mounted inside a container
 ENV_SANDBOX = "LAB_SANDBOX"  # lab.sandbox.ENV_MODE
 
 
@@ -96,7 +97,7 @@ def run_evaluation(
     mounts = {
         "harness": Mount(harness.root, "/lab/harness", read_only=True),
         "stage": Mount(stage, "/lab/stage", read_only=True),
-        "work": Mount(work_dir, "/lab/work", read_only=False),
+        "work": Mount(work_dir, CONTAINER_WORK, read_only=False),
         "cache": Mount(cache, "/cache", read_only=False),
     }
     if harness.model_path is not None:

@@ -29,6 +29,7 @@ import pytest
 
 from lab import sandbox
 from lab.cache import hash_folder
+from lab.evaluate import CONTAINER_WORK
 
 from conftest import REPO, lab_cli, locked_copy
 
@@ -105,7 +106,7 @@ def processes():
             except OSError:
                 continue
             line = b" ".join(argv)
-            in_container = b"lab.runner" in line and b"/lab/work/" in line  # paths inside a container
+            in_container = b"lab.runner" in line and CONFIG["container_work"].encode() in line
             if CONFIG["runs"].encode() in line or in_container or int(pid) == CONFIG["sentinel_pid"]:
                 yield int(pid), argv
 
@@ -289,7 +290,8 @@ class Setting:
     def config(self) -> dict:
         return {"cache": str(self.cache), "runs": str(self.runs), "home": str(self.home), "repo": str(REPO),
                 "harness": str(self.harness), "tmp_marker_dir": str(self.marker_dir), "marker": self.marker,
-                "sentinel": "sleep 600", "sentinel_pid": self.sentinel.pid}
+                "sentinel": "sleep 600", "sentinel_pid": self.sentinel.pid,
+                "container_work": CONTAINER_WORK + "/"}
 
     def tree(self, name: str, source: str) -> Path:
         tree = self.tmp / "trees" / name
