@@ -1,11 +1,12 @@
 #!/bin/bash
-# Usage: LAB cache paths below are the ones of the 2026-12-02 run; set OLD/NEW/M to the bin folders of two builds and the model.
+# Usage: M=<model .gguf> OLD=<bin folder of the build before> NEW=<bin folder of the build after> bash scripts/llamacpp/cpu_cost.sh
+# (the 2026-12-02 run used two builds of the lab cache, builds/llamacpp/<lock>-<source>/out/bin).
 # CPU seconds (user+sys, load-independent to first order) of what one timed pair costs, before and after issue 20.
 # before: two llama-bench tg128 processes per pair; after: two lab-llama-driver processes (64 tokens) + one
 # teacher-forced reference pass of the pristine driver (score mode, persistent process: no load).
-M=${M:-/root/.cache/lab-i20/llamacpp/models/gemma-3-270m-q4_k_m.gguf}
-OLD=${OLD:-/root/.cache/lab-i20/builds/llamacpp/d6d378840240-a1bcfeb7af77d49ba43f/out/bin}
-NEW=${NEW:-/root/.cache/lab-i20/builds/llamacpp/4438f4c115a5-a1bcfeb7af77d49ba43f/out/bin}
+M=${M:?set M to the model file (in the lab cache: llamacpp/models/gemma-3-270m-q4_k_m.gguf)}
+OLD=${OLD:?set OLD to the bin folder of the build before}
+NEW=${NEW:?set NEW to the bin folder of the build after}
 P=$(printf 'everyone has the right to freedom of thought, conscience and religion; this right includes' | xxd -p | tr -d '\n')
 for i in 1 2 3; do
   /usr/bin/time -f "before llama-bench-tg128 user %U sys %S wall %e" taskset -c 1 $OLD/llama-bench -m $M -p 0 -n 128 -r 1 -o jsonl -fa 1 -t 1 -ngl 0 -C 0x2 --cpu-strict 1 >/dev/null 2>/tmp/cc.err; tail -1 /tmp/cc.err
