@@ -46,10 +46,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LAB_CACHE", shared or str(tmp_path_factory.getbasetemp() / "lab-cache"))
 
 
-@pytest.fixture
-def cdot_repo(tmp_path):
-    """A git repository holding a copy of the cdot test harness, locked and committed."""
-    repo = tmp_path / "project"
+def make_cdot_repo(repo: Path) -> Path:
+    """A git repository at `repo` holding a copy of the cdot test harness, locked and committed."""
     shutil.copytree(CDOT, repo / "harnesses" / "cdot",
                     ignore=shutil.ignore_patterns("__pycache__", "lock.json"))
     git(repo.parent, "init", "-q", "-b", "main", str(repo))
@@ -61,6 +59,11 @@ def cdot_repo(tmp_path):
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "base")
     return repo
+
+
+@pytest.fixture
+def cdot_repo(tmp_path):
+    return make_cdot_repo(tmp_path / "project")
 
 
 @pytest.fixture

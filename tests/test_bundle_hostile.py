@@ -5,7 +5,6 @@ and the exit code says which part failed. One kept cdot result is exported once 
 
 import io
 import json
-import shutil
 import tarfile
 
 import pytest
@@ -13,10 +12,10 @@ import pytest
 from lab.bundle import EXIT_CODES, content_digest, export, reproduce, speedup_consistent
 from lab.envs import get
 from lab.errors import BundleError
-from lab.harness import load, write_lock
+from lab.harness import load
 from lab.loop import Lab, Settings
 
-from conftest import CDOT, git, lab_cli
+from conftest import git, lab_cli, make_cdot_repo
 from test_bundle import _kept_run
 from test_workspace_apply import BINARY, MODE_CHANGE, SUBMODULE, SYMLINK_AS_WORK
 
@@ -27,16 +26,8 @@ def kept(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LAB_CACHE", str(root / "cache"))
-        repo = root / "project"
-        shutil.copytree(CDOT, repo / "harnesses" / "cdot", ignore=shutil.ignore_patterns("__pycache__", "lock.json"))
-        git(root, "init", "-q", "-b", "main", str(repo))
-        git(repo, "config", "user.email", "t@example.com")
-        git(repo, "config", "user.name", "test")
+        repo = make_cdot_repo(root / "project")
         harness = load(repo / "harnesses" / "cdot")
-        write_lock(harness)
-        (repo / ".gitignore").write_text("runs/\n__pycache__/\n")
-        git(repo, "add", "-A")
-        git(repo, "commit", "-q", "-m", "base")
         lab = _kept_run(harness, repo, get("native"))
         yield repo, harness, lab.folder.path, export(lab.folder.path, harness)
 

@@ -36,7 +36,7 @@ from conftest import REPO, lab_cli, locked_copy
 pytestmark = pytest.mark.skipif(sandbox.mode() == "bwrap" and sandbox.describe() == "unavailable",
                                 reason="bubblewrap cannot make a sandbox on this machine (apt-get install bubblewrap)")
 
-KEY = "sk-ant-api03-" + "RedTeamKey0" * 6
+KEY = "sk-ant-" + "api03-" + "RedTeamKey0" * 6  # fake; split so no tracked line looks like a key
 TOKEN = "tok-" + uuid.uuid4().hex  # a secret of another shape: scrubbed by its value
 DELTA = "0.1"  # an honest candidate is the incumbent's code: SAME at 10%; a forgery claims 4x
 # What the incumbent's own code gets: SAME, or on a machine noisier than 10% WORSE; never KEEP,
