@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .harness import sha256_file as _sha256
+from .harness import manifest_differences, sha256_file as _sha256
 from .store import atomic_write, file_lock, now_iso
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -87,11 +87,7 @@ def verify(root: Path, key: str) -> dict:
     if not folder.is_dir() or folder.is_symlink():
         raise CacheMismatch("its folder is missing")
     found = hash_folder(folder)
-    changed = sorted(p for p in files if p in found and found[p] != files[p])
-    missing = sorted(p for p in files if p not in found)
-    added = sorted(p for p in found if p not in files)
-    problems = [f"changed: {p}" for p in changed] + [f"missing: {p}" for p in missing]
-    problems += [f"not in the manifest: {p}" for p in added]
+    problems = manifest_differences(files, found, "the manifest")
     if problems:
         raise CacheMismatch("; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
     return manifest

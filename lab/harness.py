@@ -196,6 +196,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def manifest_differences(expected: dict[str, str], actual: dict[str, str], manifest: str) -> list[str]:
+    """What differs between two {relative path: sha256} maps: changed, missing, and files
+    `manifest` (e.g. "the lock") does not name; sorted, one line each."""
+    changed = sorted(p for p in expected if p in actual and actual[p] != expected[p])
+    missing = sorted(p for p in expected if p not in actual)
+    added = sorted(p for p in actual if p not in expected)
+    return ([f"changed: {p}" for p in changed] + [f"missing: {p}" for p in missing]
+            + [f"not in {manifest}: {p}" for p in added])
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -240,11 +250,7 @@ def verify_lock(harness: Harness) -> None:
     except (ValueError, KeyError) as exc:
         raise LockedFileChanged(f"{path} is not a lock manifest ({exc}); restore it from git") from None
     actual = harness.lock_hashes()
-    changed = sorted(p for p in expected if p in actual and actual[p] != expected[p])
-    missing = sorted(p for p in expected if p not in actual)
-    added = sorted(p for p in actual if p not in expected)
-    problems = [f"changed: {p}" for p in changed] + [f"missing: {p}" for p in missing]
-    problems += [f"not in the lock: {p}" for p in added]
+    problems = manifest_differences(expected, actual, "the lock")
     if problems:
         raise LockedFileChanged(
             f"harness '{harness.name}' has locked files that differ from {LOCK_FILE}: "
