@@ -121,11 +121,13 @@ class Launcher:
     """Owns the stream and the events; launches one loaded module. Every launch, oracle or
     timed, goes through `run`: the same buffers, guards and checks."""
 
-    def __init__(self, module: Module):
+    def __init__(self, module: Module, stream=None):
         torch = _torch()
         self.torch = torch
         self.module = module
-        self.stream = torch.cuda.Stream()
+        # Launchers that share a stream share the allocator's blocks of that stream: launched
+        # one after the other, they get their buffers at the same addresses.
+        self.stream = stream if stream is not None else torch.cuda.Stream()
         self.start, self.end = Event(), Event()
 
     def run(self, weights: DeviceWeights, noise, mode: int = MODE_GENERATE, teacher=None,
@@ -191,6 +193,10 @@ class Launcher:
         except RuntimeError as exc:  # a sticky CUDA error surfaces at the copy
             raise KernelError(f"{what}: {exc}") from None
         return out
+
+    @staticmethod
+    def new_stream():
+        return _torch().cuda.Stream()
 
     def close(self):
         self.start.destroy()

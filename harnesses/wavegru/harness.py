@@ -195,11 +195,12 @@ class WaveGRU(Harness):
         return verdicts
 
     # Both sides loaded together (a block of pairs) read one weight set on the device, placed
-    # afresh for each block: where the weights land moved an identical kernel's block of pairs
-    # by up to 1.8% on an H200 (block means of an A/A spread 0.7% against 0.26% expected from
-    # the pairs within blocks, docs/evidence/wavegru/BENCH.md), which sharing cancels in every
-    # ratio. The weights stay read-only and are proven unchanged after every launch, so a side
-    # that wrote them fails at once.
+    # afresh for each block, and launch on one stream, so that the two launches of a pair get
+    # their buffers at the same addresses (the allocator keeps blocks per stream; the placement
+    # is the pair's, sample below). Where the buffers land moves an identical kernel by about
+    # 1% on an H200; shared, it cancels in every ratio (docs/evidence/wavegru/BENCH.md). The
+    # weights stay read-only and are proven unchanged after every launch, so a side that wrote
+    # them fails at once.
     def load(self, build: Build) -> Loaded:
         from . import device as dev
         from .cuda import Module
@@ -208,8 +209,10 @@ class WaveGRU(Harness):
         module = Module(Path(build.artifact).read_bytes(), dev.ENTRY, dev.LAUNCH_SYMBOL)
         if not getattr(self, "_weights_users", 0):
             self._weights = dev.DeviceWeights(_public_weights(make_weights))
+            self._stream = dev.Launcher.new_stream()
         self._weights_users = getattr(self, "_weights_users", 0) + 1
-        return Loaded(module=module, launcher=dev.Launcher(module), weights=self._weights, build=build)
+        return Loaded(module=module, launcher=dev.Launcher(module, self._stream), weights=self._weights,
+                      build=build)
 
     def sample(self, loaded: Loaded, seed: int) -> Sample:
         from . import device as dev
@@ -236,7 +239,7 @@ class WaveGRU(Harness):
         loaded.module.unload()
         self._weights_users -= 1
         if not self._weights_users:
-            self._weights = None
+            self._weights = self._stream = None
 
     def workload(self) -> dict:
         return {"steps": T_TIMING, "streams": B_TIMING, "vocab": 256, "hidden": 1024, "layers": 2}
