@@ -69,8 +69,8 @@ def test_a_colleague_reproduces_a_kept_result_from_another_checkout(tmp_path):
         git(tmp_path, "clone", "-q", str(origin), str(clone))
         git(clone, "config", "user.email", "t@t")
         git(clone, "config", "user.name", "t")
-    ran = _lab(alice, tmp_path / "alice" / "cache", "run", "tests/harnesses/cdot",
-               "--agent", "replay:tests/harnesses/cdot/solutions/correct",
+    ran = _lab(alice, tmp_path / "alice" / "cache", "run", "examples/cdot",
+               "--agent", "replay:examples/cdot/solutions/correct",
                "--budget", "15m", "--max-experiments", "1", "--delta", "0.02", "--quiet")
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     run_dir = next((alice / "runs").glob("cdot-*"))
@@ -83,7 +83,7 @@ def test_a_colleague_reproduces_a_kept_result_from_another_checkout(tmp_path):
     shared = tmp_path / "bob" / "inbox" / bundle.name
     shared.parent.mkdir(parents=True)
     shutil.copy(bundle, shared)
-    out = _lab(bob, tmp_path / "bob" / "cache", "reproduce", str(shared), "--harness", "tests/harnesses/cdot", "--json")
+    out = _lab(bob, tmp_path / "bob" / "cache", "reproduce", str(shared), "--harness", "examples/cdot", "--json")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads(out.stdout)
     with tarfile.open(shared) as tar:
