@@ -9,9 +9,11 @@ twice), and one whose keep was decided but not yet committed is committed.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import signal
 import statistics
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -156,7 +158,11 @@ class RunState:
 
 class Interrupts:
     """Ctrl-C once: finish the experiment in flight, record it, stop. Twice: stop now (the
-    runner's process group is killed; the run stays consistent and resumable)."""
+    runner's process group is killed; the run stays consistent and resumable). Each is answered
+    at once on stderr: the evaluation in flight may take minutes."""
+
+    FIRST = "stopping after the evaluation in flight; Ctrl-C again to abandon it"
+    SECOND = "abandoning the evaluation in flight (it is evaluated again on resume)"
 
     def __init__(self):
         self.requested = False
@@ -167,6 +173,7 @@ class Interrupts:
         return self
 
     def _handle(self, signum, frame):
+        _tell(self.SECOND if self.requested else self.FIRST)
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -176,6 +183,16 @@ class Interrupts:
         signal.signal(signal.SIGINT, self._previous or signal.SIG_DFL)
         _clock.stop_waiting.clear()
         return False
+
+
+def _tell(text: str) -> None:
+    """One line on stderr from a signal handler. Through sys.stderr, so that a live view (which
+    redirects it) prints it above its panel; the handler may have interrupted a write to stderr
+    itself (a reentrant call is refused), then straight to the file descriptor."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except RuntimeError:
+        os.write(2, (text + "\n").encode())
 
 
 def _model_record(harness: Harness) -> dict | None:
@@ -362,10 +379,7 @@ class Lab:
         if verdict.status == KEEP and self.settings.confirm:
             self.say(f"#{number}: KEEP; confirming in a fresh process on fresh seeds")
             confirmation = self._evaluate(f"{number:04d}-confirm", "evaluate", state.delta)
-            if confirmation.verdict.status != KEEP:
-                verdict = type(verdict)(**{**verdict.to_dict(), "status": SAME,
-                                           "reason": f"not confirmed: the confirming run said "
-                                                     f"{confirmation.verdict.status}"})
+            verdict = stats.confirm(verdict, confirmation.verdict)
         event = self._record_evaluated(number, commit, source_hash, proposal.hypothesis, outcome, verdict,
                                        confirmation, self.workspace.diff_stat(state.base_commit),
                                        time.monotonic() - start)
