@@ -423,27 +423,24 @@ def status(runs_dir, as_json):
         return _print_json(rows)
     if not rows:
         return click.echo(f"no runs under {runs_dir}/")
-    from rich import box
-    from rich.table import Table
-
-    # Fits 80 columns with the longest harness name: the name is never cut, the harness is its
-    # first word, the time is the local minute.
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
-    for column in ("run", "state", "exps", "kept", "best", "$", "updated"):
-        table.add_column(column, no_wrap=True, justify="left" if column in ("run", "state", "updated") else "right")
+    # Plain columns that fit 80 with the longest harness name: a name is never cut (it is what
+    # log, report, export and --resume take); the harness is its first word.
+    width = max(len(r["run"]) for r in rows)
+    click.echo(f"{'run':<{width}}  {'state':<15} {'exp':>3} {'kept':>4} {'best':>6} {'$':>6} {'when':>5}")
     for r in rows:
         state = f"{r['state']} {r['pid']}" if r["state"] == "running" and r["pid"] else r["state"]
-        table.add_row(r["run"], state, str(r["proposals"]), str(r["kept"]), f"{r['best_speedup']:.3f}x",
-                      f"{r['spent_usd']:.2f}", _local_minute(r["updated"]))
-    _console().print(table)
+        click.echo(f"{r['run']:<{width}}  {state:<15} {r['proposals']:>3} {r['kept']:>4} {r['best_speedup']:>5.2f}x "
+                   f"{r['spent_usd']:>6.2f} {_when(r['updated']):>5}")
 
 
-def _local_minute(iso: str) -> str:
+def _when(iso: str) -> str:
+    """An event's time, local: HH:MM today, else MM-DD."""
     import datetime as dt
 
     if not iso:
         return ""
-    return dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone().strftime("%m-%d %H:%M")
+    t = dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone()
+    return t.strftime("%H:%M") if t.date() == dt.datetime.now().astimezone().date() else t.strftime("%m-%d")
 
 
 @cli.command()
@@ -707,7 +704,7 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agen
     if plan:  # in log.md too, for the morning
         lab.folder.append("note", kind="agent_plan", text=plan.replace("\n", "; "))
     def resume() -> str:
-        return "resume: " + resume_command(_program(), lab.folder, runs_dir, no_sandbox)
+        return "resume: " + _command(*resume_command(lab.folder, runs_dir, no_sandbox))
 
     started = time.monotonic()
     try:
@@ -738,7 +735,7 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agen
     click.echo(resume())
 
 
-def _program() -> str:
+def _program() -> list[str]:
     """How this lab was started, for a command to copy: `lab` where that is the one on PATH, else
     as typed (`.venv/bin/lab`), else `python -m lab.cli` with this interpreter."""
     import os
@@ -746,9 +743,16 @@ def _program() -> str:
 
     argv0 = sys.argv[0]
     if Path(argv0).name != "lab":
-        return f"{sys.executable} -m lab.cli"
+        return [sys.executable, "-m", "lab.cli"]
     on_path = shutil.which("lab")
-    return "lab" if on_path and os.path.samefile(on_path, argv0) else argv0
+    return ["lab" if on_path and os.path.samefile(on_path, argv0) else argv0]
+
+
+def _command(*args: str) -> str:
+    """A lab command line to copy and paste, as this lab was started."""
+    import shlex
+
+    return shlex.join([*_program(), *args])
 
 
 def _shown(path: Path) -> str:
@@ -771,13 +775,15 @@ def _what_works_instead(harness_ref: str, harness, harness_runs: bool) -> str:
         if harness.root == example:
             return ""
         name = "cdot" if available().get("cdot") == example else _shown(example)
-        return (f". What works on this machine instead (the CPU example, about a minute): "
-                f"`{_program()} run {name} --agent replay:{_shown(example / 'replay.jsonl')} --budget {EXAMPLE_BUDGET}`")
+        return (". What works on this machine instead (the CPU example, about a minute): `"
+                + _command("run", name, "--agent", f"replay:{_shown(example / 'replay.jsonl')}", "--budget",
+                           EXAMPLE_BUDGET) + "`")
     replay = next((p for p in (harness.root / "replay.jsonl", harness.root / "solutions" / "correct") if p.exists()), None)
-    text = f". What works on this machine instead: `{_program()} check {harness_ref}` (build and oracle)"
+    text = f". What works on this machine instead: `{_command('check', harness_ref)}` (build and oracle)"
     if replay:
-        text += (f", or `{_program()} run {harness_ref} --agent replay:{_shown(replay)} --budget "
-                 f"{EXAMPLE_BUDGET if harness.root == example else '1h'}` (its recorded patches, no key needed)")
+        budget = EXAMPLE_BUDGET if harness.root == example else "1h"
+        text += (f", or `{_command('run', harness_ref, '--agent', f'replay:{_shown(replay)}', '--budget', budget)}` "
+                 "(its recorded patches, no key needed)")
     return text
 
 

@@ -16,7 +16,6 @@ folder, branch and worktree each time; `lab clean` removes finished runs' worktr
 
 from __future__ import annotations
 
-import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,12 +182,11 @@ def format_duration(seconds: float) -> str:
     return "".join(f"{v}{unit}" for v, unit in ((h, "h"), (m, "m"), (s, "s")) if v) or "1s"
 
 
-def resume_command(program: str, folder: RunFolder, runs_dir: Path = DEFAULT_RUNS,
-                   no_sandbox: bool = False) -> str:
-    """The exact command that goes on with `folder`, with what it needs to go on: --runs where the
-    run is not under the default folder, and more budget, experiments or dollars where the run
-    spent its own (else the resumed run would stop at once); --no-sandbox is never taken from a
-    run's record, so it is repeated when this process had it."""
+def resume_command(folder: RunFolder, runs_dir: Path = DEFAULT_RUNS, no_sandbox: bool = False) -> list[str]:
+    """The arguments of the `lab` command that goes on with `folder`, with what it needs to go
+    on: --runs where the run is not under the default folder, and more budget, experiments or
+    dollars where the run spent its own (else the resumed run would stop at once); --no-sandbox
+    is never taken from a run's record, so it is repeated when this process had it."""
     import statistics
 
     from .loop import RunState
@@ -196,7 +194,7 @@ def resume_command(program: str, folder: RunFolder, runs_dir: Path = DEFAULT_RUN
     meta, events = folder.meta, folder.events()
     runs_dir = Path(runs_dir)
     under_runs = folder.path.parent.resolve() == runs_dir.resolve()
-    args = [program, "run", "--resume", folder.path.name if under_runs else str(folder.path)]
+    args = ["run", "--resume", folder.path.name if under_runs else str(folder.path)]
     if under_runs and runs_dir != DEFAULT_RUNS:
         args += ["--runs", str(runs_dir)]
     settings = meta.get("settings") or {}
@@ -211,4 +209,4 @@ def resume_command(program: str, folder: RunFolder, runs_dir: Path = DEFAULT_RUN
         args += ["--max-usd", f"{state.spent_usd + settings['max_usd']:.0f}"]
     if no_sandbox:
         args.append("--no-sandbox")
-    return shlex.join(args)
+    return args
