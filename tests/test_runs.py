@@ -125,7 +125,8 @@ def test_try_goes_on_with_one_standing_run_and_clean_removes_finished_ones(cdot_
     standing = Path(data["run"]).name
     again = lab_cli("try", "cdot", str(empty), cwd=cdot_repo)
     assert again.returncode == 2 and "REJECTED" not in again.stdout
-    assert again.stdout.startswith("#2 refused (empty patch): it holds no diff; make one with `git diff"), again.stdout
+    line = next(line for line in again.stdout.splitlines() if line.startswith("#"))
+    assert line.startswith("#2 refused (empty patch): it holds no diff; make one with `git diff"), again.stdout
     assert f"run: runs/{standing} (the standing try run" in again.stdout
     _, other = _try(cdot_repo, empty, "--new-run")
     with_keep = Path(other["run"]).name
