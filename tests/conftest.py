@@ -61,6 +61,22 @@ def make_cdot_repo(repo: Path) -> Path:
     return repo
 
 
+def snapshot_repo(dest: Path) -> Path:
+    """A repository at `dest` holding this checkout's files as they are now (tracked and new, not
+    ignored), committed: what a colleague or a new user would clone."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file() and not src.is_symlink():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    git(dest.parent, "init", "-q", "-b", "main", str(dest))
+    git(dest, "add", "-A")
+    git(dest, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "the lab")
+    return dest
+
+
 @pytest.fixture
 def cdot_repo(tmp_path):
     return make_cdot_repo(tmp_path / "project")

@@ -171,3 +171,17 @@ def test_try_goes_on_with_one_standing_run_and_clean_removes_finished_ones(cdot_
         assert os.listdir(cdot_repo / "runs") == [busy] and _branches(cdot_repo) == [f"lab/{busy}"]
         worktrees = [line.split()[0] for line in git(cdot_repo, "worktree", "list").splitlines()]
         assert worktrees == [str(cdot_repo), str(cdot_repo / "runs" / busy / "worktree")]
+
+
+def test_every_command_that_takes_a_run_takes_a_name(cdot_repo, tmp_path):
+    patch = tmp_path / "p.patch"
+    patch.write_text("\n")
+    for args in (["log", "nope"], ["report", "nope"], ["export", "nope"], ["run", "--resume", "nope"],
+                 ["try", "cdot", str(patch), "--run", "nope"]):
+        out = lab_cli(*args, cwd=cdot_repo)
+        assert out.returncode == 2 and "no run named 'nope' under runs/" in out.stderr, (args, out.stderr)
+    name = "cdot-20260101-000000-aaaa"
+    _folder(cdot_repo / "runs", name, "run_started", "run_stopped")
+    for args in (["log", name], ["log", "cdot-2026"], ["log", str(cdot_repo / "runs" / name)]):
+        out = lab_cli(*args, cwd=cdot_repo)
+        assert out.returncode == 0 and f"# Run {name}" in out.stdout, (args, out.stderr)
