@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import statistics
-import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -173,11 +172,15 @@ class Interrupts:
         return self
 
     def _handle(self, signum, frame):
-        _tell(self.SECOND if self.requested else self.FIRST)
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        _clock.stop_waiting.set()  # an agent waiting out an API outage gives up now
+        # The state changes before anything is said: a second Ctrl-C that lands while the first
+        # is being answered (a handler runs inside another) still abandons.
+        first, self.requested = not self.requested, True
+        if first:
+            _clock.stop_waiting.set()  # an agent waiting out an API outage gives up now
+            _tell(self.FIRST)
+            return
+        _tell(self.SECOND)
+        raise KeyboardInterrupt
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self._previous or signal.SIG_DFL)
@@ -186,13 +189,10 @@ class Interrupts:
 
 
 def _tell(text: str) -> None:
-    """One line on stderr from a signal handler. Through sys.stderr, so that a live view (which
-    redirects it) prints it above its panel; the handler may have interrupted a write to stderr
-    itself (a reentrant call is refused), then straight to the file descriptor."""
-    try:
-        print(text, file=sys.stderr, flush=True)
-    except RuntimeError:
-        os.write(2, (text + "\n").encode())
+    """One line on stderr from a signal handler: straight to the file descriptor, never through
+    sys.stderr, whose buffer the handler may have interrupted mid-write (or that a handler
+    running inside another would enter twice)."""
+    os.write(2, (text + "\n").encode())
 
 
 def _model_record(harness: Harness) -> dict | None:

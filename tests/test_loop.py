@@ -175,6 +175,12 @@ class Lines:
         return "\n".join(x for _, x in self.lines)
 
 
+def _stdout(proc, timeout: float) -> str:
+    """The process's stdout once it ended (its stderr is Lines's alone: communicate would read it too)."""
+    proc.wait(timeout)
+    return proc.stdout.read()
+
+
 def _run_until_evaluating(cdot, cdot_repo, patches):
     """`lab run` of cdot over `patches` (solution names), started as a person would start it
     (quiet, its own session so that only it gets our SIGINT); returns once #1 is evaluating."""
@@ -201,7 +207,7 @@ def test_ctrl_c_is_answered_at_once_and_the_evaluation_in_flight_is_finished(cdo
     os.kill(proc.pid, signal.SIGINT)
     answered = err.wait_for("stopping after the evaluation in flight; Ctrl-C again to abandon it", 10)
     assert answered - sent < 2.0, f"answered after {answered - sent:.1f} s"
-    out, _ = proc.communicate(timeout=300)
+    out = _stdout(proc, timeout=300)
     assert proc.returncode == 0, out + err.text()
     events = RunFolder.open(run_dir).events()
     assert [e["number"] for e in events if e["type"] == "evaluated"] == [1], "#1 finished, #2 never asked for"
@@ -216,7 +222,7 @@ def test_a_second_ctrl_c_abandons_the_evaluation_and_says_how_to_resume(cdot, cd
     err.wait_for("Ctrl-C again to abandon it", 10)
     sent = time.monotonic()
     os.kill(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=30)
+    out = _stdout(proc, timeout=30)
     assert time.monotonic() - sent < 15, "the evaluation in flight was abandoned, not waited for"
     assert proc.returncode == 130, out + err.text()
     text = err.text()
