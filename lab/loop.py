@@ -9,6 +9,7 @@ twice), and one whose keep was decided but not yet committed is committed.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import signal
 import statistics
@@ -156,7 +157,11 @@ class RunState:
 
 class Interrupts:
     """Ctrl-C once: finish the experiment in flight, record it, stop. Twice: stop now (the
-    runner's process group is killed; the run stays consistent and resumable)."""
+    runner's process group is killed; the run stays consistent and resumable). Each is answered
+    at once on stderr: the evaluation in flight may take minutes."""
+
+    FIRST = "stopping after the evaluation in flight; Ctrl-C again to abandon it"
+    SECOND = "abandoning the evaluation in flight (it is evaluated again on resume)"
 
     def __init__(self):
         self.requested = False
@@ -167,15 +172,27 @@ class Interrupts:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        _clock.stop_waiting.set()  # an agent waiting out an API outage gives up now
+        # The state changes before anything is said: a second Ctrl-C that lands while the first
+        # is being answered (a handler runs inside another) still abandons.
+        first, self.requested = not self.requested, True
+        if first:
+            _clock.stop_waiting.set()  # an agent waiting out an API outage gives up now
+            _tell(self.FIRST)
+            return
+        _tell(self.SECOND)
+        raise KeyboardInterrupt
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self._previous or signal.SIG_DFL)
         _clock.stop_waiting.clear()
         return False
+
+
+def _tell(text: str) -> None:
+    """One line on stderr from a signal handler: straight to the file descriptor, never through
+    sys.stderr, whose buffer the handler may have interrupted mid-write (or that a handler
+    running inside another would enter twice)."""
+    os.write(2, (text + "\n").encode())
 
 
 def _model_record(harness: Harness) -> dict | None:
@@ -362,10 +379,7 @@ class Lab:
         if verdict.status == KEEP and self.settings.confirm:
             self.say(f"#{number}: KEEP; confirming in a fresh process on fresh seeds")
             confirmation = self._evaluate(f"{number:04d}-confirm", "evaluate", state.delta)
-            if confirmation.verdict.status != KEEP:
-                verdict = type(verdict)(**{**verdict.to_dict(), "status": SAME,
-                                           "reason": f"not confirmed: the confirming run said "
-                                                     f"{confirmation.verdict.status}"})
+            verdict = stats.confirm(verdict, confirmation.verdict)
         event = self._record_evaluated(number, commit, source_hash, proposal.hypothesis, outcome, verdict,
                                        confirmation, self.workspace.diff_stat(state.base_commit),
                                        time.monotonic() - start)

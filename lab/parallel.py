@@ -37,7 +37,7 @@ from .errors import LabError, PatchRejected
 from .evaluate import Outcome, run_evaluation
 from .harness import Harness, stage_editable
 from .loop import Interrupts, Lab, RunState
-from .records import CRASH, KEEP, SAME, Evaluation, Verdict
+from .records import CRASH, KEEP, Evaluation, Verdict
 from .system import cpus as cpu_topology
 from .system.fingerprint import differences
 from .workspace import Workspace, git
@@ -427,10 +427,9 @@ class ParallelLab(Lab):
                 confirmation = self._run(slot, f"{label}-confirm", "evaluate", ws.tree, incumbent, state.delta,
                                          node=result.worker.get("node")).outcome
                 differ = differences(outcome.evaluation.fingerprint, confirmation.evaluation.fingerprint)
-                if confirmation.verdict.status != KEEP or differ:
-                    why = (f"the confirming run said {confirmation.verdict.status}" if not differ else
-                           f"the confirming run ran on another machine ({', '.join(differ[:3])})")
-                    verdict = Verdict.from_dict({**verdict.to_dict(), "status": SAME, "reason": f"not confirmed: {why}"})
+                verdict = stats.confirm(verdict, confirmation.verdict,
+                                        f"the confirming run ran on another machine ({', '.join(differ[:3])})"
+                                        if differ else "")
             with self.lock:
                 state = self.state()
                 if verdict.status == KEEP and state.incumbent_commit != base:
