@@ -37,7 +37,8 @@ from .evaluate import run_evaluation
 from .harness import Harness, sha256_text, stage_editable, tree_hash
 from .records import SCHEMA_VERSION, Evaluation, Pair
 from .store import RunFolder
-from .workspace import Workspace, apply_patch, git, git_env, guard_patch
+from .git import git
+from .workspace import Workspace, apply_patch, guard_patch
 
 BUNDLE_FILE = "bundle.json"
 BASE = "base"
@@ -162,10 +163,7 @@ def _checkout_editable(workspace: Workspace, commit: str, dest: Path) -> list[st
 
 
 def _blob(worktree: Path, obj: str) -> bytes:
-    import subprocess
-
-    return subprocess.run(["git", "cat-file", "blob", obj], cwd=worktree, capture_output=True, check=True,
-                          env=git_env()).stdout
+    return git(worktree, "cat-file", "blob", obj, text=False)
 
 
 # --- reproduce ---------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 from .harness import manifest_differences, sha256_file as _sha256
-from .store import atomic_write, file_lock, now_iso
+from .locks import file_lock
+from .store import atomic_write, now_iso
 
 MANIFEST_SUFFIX = ".manifest.json"
 EVICTIONS_LOG = "evictions.log"

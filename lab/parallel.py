@@ -20,7 +20,6 @@ filesystem). A worker that dies mid-evaluation is recorded as `lost` and the eva
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 import os
 import socket
@@ -36,6 +35,7 @@ from .envs import Env
 from .errors import LabError, PatchRejected
 from .evaluate import Outcome, run_evaluation
 from .harness import Harness, stage_editable
+from .locks import try_lock
 from .loop import Interrupts, Lab, RunState
 from .records import CRASH, KEEP, SAME, Evaluation, Verdict
 from .system import cpus as cpu_topology
@@ -277,12 +277,9 @@ class RayExecutor:
 def _worker_slot(count: int):
     """A slot of this node no other task holds (a file lock per slot): (index, open lock file)."""
     for k in range(max(1, count)):
-        f = open(Path(tempfile.gettempdir()) / f"lab-ray-slot-{k}.lock", "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f = try_lock(Path(tempfile.gettempdir()) / f"lab-ray-slot-{k}.lock")
+        if f is not None:
             return k, f
-        except OSError:
-            f.close()
     return 0, None
 
 

@@ -24,28 +24,13 @@ from . import __version__
 from .envs.docker import connect, repository
 from .errors import LabError
 from .extras import require
-from .harness import Harness, repo_root
+from .git import run as git_run
+from .harness import IMAGE_LOCK, Harness, repo_root, resolve_image  # noqa: F401 (resolve_image: lab.publish's API)
 
-IMAGE_LOCK = "image.lock.json"  # in the harness folder; not part of the harness's lock manifest
 LABEL_VERSION = "org.opencontainers.image.version"
 LABEL_HARNESS_LOCK = "org.lab.harness-lock"
 LABEL_BASE_DIGEST = "org.opencontainers.image.base.digest"
 BUILD_LOG_TAIL = 30
-
-
-def resolve_image(harness: Harness) -> str | None:
-    """The image recorded by the last `publish` of `harness`, or None when there is none."""
-    path = harness.root / IMAGE_LOCK
-    if not path.exists():
-        return None
-    try:
-        image = json.loads(path.read_text())["image"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise LabError(f"{path} is not an image lock ({exc}); restore it from git or run "
-                       f"`lab publish {harness.name}` again") from None
-    if "@sha256:" not in image:
-        raise LabError(f"{path} names {image}, which is not pinned by digest; run `lab publish` again")
-    return image
 
 
 def default_dockerfile(harness: Harness) -> Path:
@@ -265,8 +250,9 @@ def source_date_epoch(dockerfile: Path) -> str:
 
 
 def _git(*args) -> str:
+    """git in the lab's own checkout; "" when that fails (no git, not a checkout)."""
     try:
-        proc = subprocess.run(["git", "-C", str(repo_root()), *args], capture_output=True, text=True)
+        proc = git_run(repo_root(), *args)
     except OSError:
         return ""
     return proc.stdout.strip() if proc.returncode == 0 else ""

@@ -28,7 +28,7 @@ class Record:
     """Mixin: JSON round trip for dataclasses, recursing into nested records and lists of them."""
 
     def to_dict(self) -> dict:
-        return _clean(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(self))
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -43,14 +43,15 @@ class Record:
         return cls(**kwargs)
 
 
-def _clean(value):
-    """NaN and infinities are not JSON: store them as null so every reader can parse the file."""
+def json_safe(value):
+    """`value` with every NaN and infinity replaced by None: they are not JSON, and every record
+    and event must parse in any reader (the one NaN cleaner of the lab)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

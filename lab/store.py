@@ -20,17 +20,16 @@ truncates it.
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import json
 import math
 import os
 import secrets
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import RunFolderBusy, RunFolderError
-from .records import KEEP, SCHEMA_VERSION
+from .locks import file_lock, try_lock
+from .records import SCHEMA_VERSION, json_safe
 from .scrub import scrub
 
 RUN_FILE = "run.json"
@@ -47,18 +46,6 @@ def now_iso() -> str:
 
 def new_run_id(harness: str) -> str:
     return f"{harness}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
-@contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock on `path` (created, with its folder) across processes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -118,16 +105,15 @@ class RunFolder:
         key = str(self.path.resolve())
         if key in _HELD:
             return
-        f = open(self.path / OWNER_FILE, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
+        f = try_lock(self.path / OWNER_FILE, "a+")
+        if f is None:
+            try:
+                holder = (self.path / OWNER_FILE).read_text().strip() or "another process"
+            except OSError:
+                holder = "another process"
             raise RunFolderBusy(
                 f"{self.path} is in use by {holder}; one process owns a run folder at a time: wait for it "
-                "to finish or stop it, then resume") from None
+                "to finish or stop it, then resume")
         f.seek(0)
         f.truncate()
         f.write(f"process {os.getpid()} ({' '.join(sys.argv[:4])[:200]}, since {now_iso()})\n")
@@ -143,21 +129,16 @@ class RunFolder:
             atomic_write(self.path / RUN_FILE, json.dumps({**self.meta, **changes}, indent=1) + "\n")
 
     # --- events ----------------------------------------------------------------------------
-    @contextmanager
     def locked(self):
-        with open(self.path / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        """Held while a writer appends (no two lab processes interleave half lines)."""
+        return file_lock(self.path / ".lock")
 
     def append(self, type_: str, **payload) -> dict:
         """Append one event durably; returns it with its sequence number and time."""
         with self.locked():
             seq = self._drop_torn_tail_and_count()
             event = {"seq": seq, "time": now_iso(), "type": type_, **payload}
-            line = scrub(json.dumps(_finite(event), separators=(",", ":"))) + "\n"
+            line = scrub(json.dumps(json_safe(event), separators=(",", ":"))) + "\n"
             with open(self.events_path, "a") as f:
                 f.write(line)
                 f.flush()
@@ -203,16 +184,6 @@ class RunFolder:
         meta = self.meta
         atomic_write(self.path / "results.tsv", results_tsv(events, meta))
         atomic_write(self.path / "log.md", log_md(events, meta))
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -332,6 +303,3 @@ def log_md(events: list[dict], meta: dict) -> str:
         out.append(f"\nKept: {len(kept)}; best so far: {kept[-1].get('description', '')}")
     return "\n".join(out) + "\n"
 
-
-def is_keep(event: dict) -> bool:
-    return event.get("verdict", {}).get("status") == KEEP

@@ -35,7 +35,7 @@ from typing import Callable
 
 from ..errors import LabError
 from ..extras import require
-from ..harness import _walk, tree_hash
+from ..harness import tree_files, tree_hash
 from . import clock as _clock
 from .base import Agent, AgentContext, AgentFatal, Proposal
 from .memory import past_candidate
@@ -786,7 +786,7 @@ def _references(root: Path, private=DEFAULT_PRIVATE) -> str:
         return "(this harness has no references/ folder)"
     parts, size = [], 0
     root = root.resolve()
-    for rel in _walk(folder):
+    for rel in tree_files(folder):
         path = folder / rel
         resolved = path.resolve()
         if is_private(f"references/{rel}", private) or root not in resolved.parents or is_private(

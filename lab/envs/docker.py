@@ -23,6 +23,7 @@ import uuid
 
 from ..errors import EnvironmentUnavailable, LabError
 from ..extras import require
+from ..harness import resolve_image
 from .base import Env, Mount, RunResult
 from .native import SECRET_MARKERS
 
@@ -86,8 +87,6 @@ class DockerEnv(Env):
         if self.harness is not None:
             if self.harness.environment.image:
                 return self.harness.environment.image
-            from ..publish import resolve_image
-
             found = resolve_image(self.harness)
             if found:
                 return found
