@@ -35,8 +35,8 @@ from .envs import Env
 from .errors import BundleError, LabError, PatchRejected
 from .evaluate import run_evaluation
 from .harness import Harness, sha256_text, stage_editable, tree_hash
-from .records import SCHEMA_VERSION, Evaluation, Pair
-from .store import RunFolder
+from .records import KEEP, SCHEMA_VERSION, Evaluation, Pair
+from .store import RunFolder, event_status
 from .git import git
 from .workspace import Workspace, apply_patch, guard_patch
 
@@ -76,7 +76,7 @@ def export(run_path: Path, harness: Harness, experiment: str | None = None, out:
             raise LabError(f"{run_path} has no evaluated experiment {experiment}; see `lab log {run_path}`")
         event = chosen[-1]
     else:
-        kept = [e for e in evaluated if e["status"] == "keep"]
+        kept = [e for e in evaluated if event_status(e) == KEEP]
         if not kept:
             raise LabError(f"{run_path} has no kept experiment to export; name one with --experiment")
         event = kept[-1]
@@ -300,7 +300,7 @@ def _check_claims(data: dict) -> None:
                ((median, v["median"]), (lo, v.get("ci_low")), (hi, v.get("ci_high")))
                if isinstance(b, (int, float))) or len(pairs) != v.get("pairs", len(pairs)):
         raise BundleError("the bundle's recorded verdict does not follow from its own recorded samples "
-                          f"(they give {math.exp(-median):.4f}x, it claims {math.exp(-v['median']):.4f}x); refusing it")
+                          f"(they give {stats.speedup(median):.4f}x, it claims {stats.speedup(v['median']):.4f}x); refusing it")
 
 
 def reproduce(bundle: Path, harness: Harness, env: Env, work: Path) -> dict:
@@ -387,6 +387,6 @@ def speedup_consistent(recorded: dict, now: dict) -> bool:
 def _speed(v: dict) -> dict:
     if not v or v.get("median") is None:
         return {"status": (v or {}).get("status")}
-    return {"status": v.get("status"), "speedup": math.exp(-v["median"]),
-            "ci": [math.exp(-v["ci_high"]), math.exp(-v["ci_low"])] if v.get("ci_low") is not None else None,
+    ci = stats.speedup_ci(v.get("ci_low"), v.get("ci_high"))
+    return {"status": v.get("status"), "speedup": stats.speedup(v["median"]), "ci": list(ci) if ci else None,
             "pairs": v.get("pairs")}

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import stats
+from .cache import default_cache
 from .envs import Env, Mount
 from .harness import Harness, stage_editable, verify_lock
 from .records import CRASH, PASS, TIMEOUT, Evaluation, Verdict, unframe
-from .runner import default_cache
 from .scrub import scrub
 from .store import atomic_write
 

@@ -102,18 +102,14 @@ def gpu_nodes(harness: Harness, gpus: list[int], nvml=None) -> dict[int, int | N
     nodes: dict[int, int | None] = {g: None for g in gpus}
     if not harness.environment.needs_gpu:
         return nodes
-    from .system.telemetry import open_nvml, read
+    from .system.telemetry import numa_node, open_nvml, read
 
     nvml = open_nvml(nvml)
     if nvml is None:
         return nodes
     try:
         for g in gpus:
-            handle = read(nvml, "nvmlDeviceGetHandleByIndex", g)
-            pci = read(nvml, "nvmlDeviceGetPciInfo", handle) if handle is not None else None
-            bus = getattr(pci, "busId", None)
-            if bus is not None:
-                nodes[g] = cpu_topology.gpu_numa_node(bus.decode() if isinstance(bus, bytes) else str(bus))
+            nodes[g] = numa_node(nvml, read(nvml, "nvmlDeviceGetHandleByIndex", g))
     finally:
         read(nvml, "nvmlShutdown")
     return nodes

@@ -8,6 +8,7 @@ is stamped on every evaluation record and run folder so that an older lab refuse
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 import math
@@ -15,13 +16,36 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-SCHEMA_VERSION = 1
+# 2: an `evaluated` event's status is its Status (KEEP, SAME, ...), no longer keep/discard/fail/crash;
+# a run folder of schema 1 is still read (lab.store.outcome maps the old spellings).
+SCHEMA_VERSION = 2
 
-# Verdicts. KEEP/SAME/WORSE come from the statistics; the others from the oracle and runner.
-KEEP, SAME, WORSE = "KEEP", "SAME", "WORSE"
-FAIL, CRASH, TIMEOUT, REJECTED = "FAIL", "CRASH", "TIMEOUT", "REJECTED"
-PASS = "PASS"  # a check-only evaluation whose oracle passed (no timing, so no speed verdict)
-VERDICTS = (KEEP, SAME, WORSE, FAIL, CRASH, TIMEOUT, REJECTED, PASS)
+try:
+    from enum import StrEnum
+except ImportError:  # Python 3.10
+    class StrEnum(str, enum.Enum):  # type: ignore[no-redef]
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+class Status(StrEnum):
+    """The outcome of one evaluation: the one vocabulary of verdicts, `evaluated` events,
+    results.tsv and every harness's solutions/expected.json. A member is its own name as a str,
+    so it compares equal to, and serialises as, "KEEP", "FAIL", ..."""
+
+    KEEP = "KEEP"  # the whole CI faster by at least delta (a keep after its confirmation run)
+    SAME = "SAME"  # not decided faster or slower by delta
+    WORSE = "WORSE"  # the whole CI slower by at least delta
+    FAIL = "FAIL"  # the build, the oracle, a timed sample's own check or a guard failed
+    CRASH = "CRASH"  # the runner or the device broke (or the incumbent no longer builds)
+    TIMEOUT = "TIMEOUT"  # the evaluation ran past its time limit and was killed
+    REJECTED = "REJECTED"  # the guard refused the patch before anything was built
+    PASS = "PASS"  # a check-only evaluation whose oracle passed (no timing, so no speed verdict)
+
+
+KEEP, SAME, WORSE = Status.KEEP, Status.SAME, Status.WORSE
+FAIL, CRASH, TIMEOUT, REJECTED, PASS = Status.FAIL, Status.CRASH, Status.TIMEOUT, Status.REJECTED, Status.PASS
+VERDICTS = tuple(Status)
 
 
 class Record:
@@ -162,7 +186,7 @@ class TelemetryBlock(Record):
 
 @dataclass
 class Verdict(Record):
-    status: str  # one of VERDICTS
+    status: str  # a Status
     reason: str = ""
     median: float | None = None  # median per-pair log(t_candidate / t_incumbent)
     ci_low: float | None = None
@@ -174,8 +198,17 @@ class Verdict(Record):
 
     @property
     def speedup(self) -> float | None:
-        """Incumbent time over candidate time (2.0 = twice as fast)."""
-        return None if self.median is None else math.exp(-self.median)
+        """Incumbent time over candidate time (2.0 = twice as fast); lab.stats.speedup."""
+        from .stats import speedup  # stats builds on these records: imported when asked
+
+        return speedup(self.median)
+
+    @property
+    def speedup_ci(self) -> tuple[float, float] | None:
+        """The CI of the speedup, (low, high); lab.stats.speedup_ci."""
+        from .stats import speedup_ci
+
+        return speedup_ci(self.ci_low, self.ci_high)
 
 
 @dataclass

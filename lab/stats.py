@@ -1,10 +1,13 @@
 """The decision rule: paired log ratios, a bootstrap CI of their median, KEEP/SAME/WORSE.
 
 Everything here works on per-pair x = log(t_candidate / t_incumbent): negative is faster. The
-protocol (docs: shared/design/measurement.md) keeps a change only when the whole 99% CI of the
-median is faster by at least delta, where delta = max(0.5%, 2 x the A/A noise floor), and sends
-every KEEP to a confirmation run in a fresh process. `verdict_for` is the one place where a
-runner's record becomes a verdict: every guard against a dishonest or broken timing is there.
+protocol (README, "How a run works") keeps a change only when the whole 99% CI of the median is
+faster by at least delta, where delta = max(0.5%, 2 x the A/A noise floor), and sends every KEEP to a
+confirmation run in a fresh process. `verdict_for` is the one place where a runner's record
+becomes a verdict: every guard against a dishonest or broken timing is there. `speedup` and
+`speedup_ci` turn a log ratio (and its CI) into the speedup every report shows.
+
+This module imports nothing of the lab but lab.records (tests/test_imports.py).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .errors import HarnessContractError
 from .records import CRASH, FAIL, KEEP, SAME, WORSE, Evaluation, Pair, Sample, TelemetryBlock, Verdict
 
 DEFAULT_CONFIDENCE = 0.99
@@ -35,6 +37,21 @@ N_BOOT = 4000
 DEVICE_OVER_WALL = 1.05
 DEVICE_OVER_WALL_SLACK_S = 1e-3
 MIN_TIMER_COVERAGE = 0.2
+
+
+# --- speedups ---------------------------------------------------------------------------------
+def speedup(log_ratio: float | None) -> float | None:
+    """Incumbent time over candidate time for x = log(t_candidate / t_incumbent): 2.0 is twice as
+    fast; None for None."""
+    return None if log_ratio is None else math.exp(-log_ratio)
+
+
+def speedup_ci(ci_low: float | None, ci_high: float | None) -> tuple[float, float] | None:
+    """A CI of x as a CI of the speedup, (low, high): the bounds swap (a lower x is a higher
+    speedup); None when the CI is unknown."""
+    if ci_low is None or ci_high is None:
+        return None
+    return math.exp(-ci_high), math.exp(-ci_low)
 
 
 # --- the numbers ----------------------------------------------------------------------------
@@ -80,7 +97,7 @@ def noise_floor(aa_log_ratios, confidence: float = DEFAULT_CONFIDENCE) -> float:
     """The largest effect an A/A run could show, as a fraction: |median| + CI half-width."""
     x = np.asarray(aa_log_ratios, dtype=float)
     if x.size == 0 or not np.all(np.isfinite(x)):
-        raise HarnessContractError(
+        raise ValueError(
             "the A/A run has no pairs or a time that is zero, negative or not a number: "
             "the harness's `sample` must return finite positive seconds")
     median, lo, hi = median_ci(x, confidence)
@@ -126,9 +143,9 @@ def decide(x, delta: float, *, confidence: float = DEFAULT_CONFIDENCE, min_pairs
     margin = half_width if budget_exhausted and half_width >= delta / 2 else 0.0
     if hi + margin <= math.log(1 - delta):
         verdict.status, verdict.needs_confirmation = KEEP, True
-        speedup = math.exp(-median)
-        if speedup > BIG_GAIN:
-            verdict.reason = (f"speedup {speedup:.2f}x is above {BIG_GAIN}x: review the diff and "
+        gain = speedup(median)
+        if gain > BIG_GAIN:
+            verdict.reason = (f"speedup {gain:.2f}x is above {BIG_GAIN}x: review the diff and "
                               "confirm in a fresh process on fresh seeds")
         else:
             verdict.reason = f"the whole {pct} CI is faster by at least delta; confirm in a fresh process"

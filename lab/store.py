@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import secrets
 import sys
@@ -29,8 +28,9 @@ from pathlib import Path
 
 from .errors import RunFolderBusy, RunFolderError
 from .locks import file_lock, try_lock
-from .records import SCHEMA_VERSION, json_safe
+from .records import CRASH, FAIL, KEEP, SAME, SCHEMA_VERSION, Status, json_safe
 from .scrub import scrub
+from .stats import speedup, speedup_ci
 
 RUN_FILE = "run.json"
 EVENTS_FILE = "events.jsonl"
@@ -193,6 +193,21 @@ RESULT_COLUMNS = (
 )
 
 
+# How schema 1 spelled an `evaluated` event's status (the verdict beside it held the Status).
+_OLD_STATUS = {"keep": KEEP, "discard": SAME, "fail": FAIL, "crash": CRASH}
+
+
+def event_status(event: dict) -> Status | str:
+    """The Status of an `evaluated` event: its verdict's, which schema 1 events hold too beside
+    their keep/discard/fail/crash (read here, so resuming an older run folder works); "" when the
+    event says none."""
+    status = (event.get("verdict") or {}).get("status") or event.get("status") or ""
+    try:
+        return Status(_OLD_STATUS.get(status, status))
+    except ValueError:
+        return status
+
+
 def experiments(events: list[dict]) -> list[dict]:
     """One row per finished evaluation, in order (`evaluated` events)."""
     return [e for e in events if e["type"] == "evaluated"]
@@ -241,17 +256,17 @@ def results_tsv(events: list[dict], meta: dict) -> str:
     lines = ["\t".join(RESULT_COLUMNS)]
     for e in experiments(events):
         v = e.get("verdict", {})
-        speed = lambda log: None if log is None else math.exp(-log)  # noqa: E731
+        low, high = speedup_ci(v.get("ci_low"), v.get("ci_high")) or (None, None)
         lines.append("\t".join([
             (e.get("commit") or "")[:7],
             _fmt(e.get("metric")),
             _fmt(e.get("unit_seconds")),
             "pass" if e.get("correct") else "fail",
-            e.get("status", ""),
+            event_status(e),
             (e.get("description") or "").replace("\t", " ").replace("\n", " ")[:200],
-            _fmt(speed(v.get("median"))),
-            _fmt(speed(v.get("ci_high"))),
-            _fmt(speed(v.get("ci_low"))),
+            _fmt(speedup(v.get("median"))),
+            _fmt(low),
+            _fmt(high),
             v.get("status", ""),
         ]))
     return "\n".join(lines) + "\n"
@@ -271,11 +286,11 @@ def log_md(events: list[dict], meta: dict) -> str:
         if t == "evaluated":
             v = e.get("verdict", {})
             counts[v.get("status", "?")] = counts.get(v.get("status", "?"), 0) + 1
-            sp = v.get("median")
-            gain = "" if sp is None else f" speedup {math.exp(-sp):.4f}x"
-            ci = ""
-            if v.get("ci_low") is not None:
-                ci = f" (99% CI {math.exp(-v['ci_high']):.4f}-{math.exp(-v['ci_low']):.4f}, {v.get('pairs', 0)} pairs)"
+            sp = speedup(v.get("median"))
+            gain = "" if sp is None else f" speedup {sp:.4f}x"
+            ci, band = "", speedup_ci(v.get("ci_low"), v.get("ci_high"))
+            if band:
+                ci = f" (99% CI {band[0]:.4f}-{band[1]:.4f}, {v.get('pairs', 0)} pairs)"
             out.append(f"- {stamp} #{e.get('number', '?')} **{v.get('status', '?')}**{gain}{ci}: "
                        f"{e.get('description', '')}" + (f" — {v['reason']}" if v.get("reason") else ""))
         elif t == "rejected":
@@ -298,7 +313,7 @@ def log_md(events: list[dict], meta: dict) -> str:
     if rate["per_hour"] is not None:
         out.append(f"\n{rate['experiments']} experiments in {rate['seconds']:.0f} s from the first proposal: "
                    f"{rate['per_hour']:.1f} per hour")
-    kept = [e for e in events if e["type"] == "evaluated" and e.get("status") == "keep"]
+    kept = [e for e in events if e["type"] == "evaluated" and event_status(e) == KEEP]
     if kept:
         out.append(f"\nKept: {len(kept)}; best so far: {kept[-1].get('description', '')}")
     return "\n".join(out) + "\n"

@@ -262,7 +262,7 @@ def _machine() -> str:
     text = platform.machine()
     try:
         info = Path("/proc/cpuinfo").read_text()
-        text += "".join(l for l in info.splitlines(True) if l.startswith(("model name", "flags")))[:4000]
+        text += "".join(line for line in info.splitlines(True) if line.startswith(("model name", "flags")))[:4000]
     except OSError:
         text += platform.processor()
     if shutil.which("nvidia-smi"):

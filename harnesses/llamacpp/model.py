@@ -8,7 +8,6 @@ is recorded with every build, check and reference, so results of different model
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path

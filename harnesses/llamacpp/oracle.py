@@ -30,7 +30,6 @@ import math
 import os
 import random
 import re
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass

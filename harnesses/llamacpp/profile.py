@@ -153,7 +153,7 @@ def cuda_digest(bindir: Path, model: Path) -> str:
         except subprocess.TimeoutExpired:
             out.append(f"{op}: test-backend-ops perf ran past {PERF_OP_TIMEOUT_S:.0f} s; left out")
             continue
-        rows = [l.strip() for l in proc.stdout.splitlines() if "us/run" in l]
+        rows = [line.strip() for line in proc.stdout.splitlines() if "us/run" in line]
         out.append(f"{op}: " + (f"{len(rows)} shapes" if rows else "no rows"))
         out += [f"  {r}" for r in rows[:8]]
     return "profile: CUDA0, NVML utilization and test-backend-ops perf (GPU time per op and shape)\n" + "\n".join(out)

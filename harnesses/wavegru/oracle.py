@@ -1,4 +1,4 @@
-"""The oracle (spec: design/wavegru.md): generate parity, teacher-forced probabilities and final
+"""The oracle (spec: program.md, "Correctness"): generate parity, teacher-forced probabilities and final
 states, and the guards. The comparison functions work on plain arrays (tested on the CPU); the
 `run` function drives the reference and the kernel on the GPU.
 

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from ..harness import matches_any, tree_files
+from ..records import KEEP
 from .base import AgentContext
 
 MAX_VIEW_CHARS = 40_000  # one view of a file; longer files are cut, with a pointer to view_range
@@ -436,7 +437,7 @@ def _results_view(tsv: str) -> str:
         return tsv
     head, rows = lines[0], lines[1:]
     latest = set(range(len(rows) - MAX_RESULT_ROWS, len(rows)))
-    shown = [r for i, r in enumerate(rows) if i in latest or "\tkeep\t" in r]
+    shown = [r for i, r in enumerate(rows) if i in latest or f"\t{KEEP}\t" in r]
     return "\n".join([head, f"({len(rows) - len(shown)} earlier rows not shown: the run memory has every experiment)",
                       *shown])
 
