@@ -39,10 +39,6 @@ class Outcome:
     record_path: Path
     stderr_tail: str = ""
 
-    @property
-    def check_passed(self) -> bool:
-        return self.evaluation.check is not None and self.evaluation.check.passed
-
 
 def secret_seeds(count: int) -> list[int]:
     rng = random.SystemRandom()

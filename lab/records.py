@@ -48,6 +48,21 @@ FAIL, CRASH, TIMEOUT, REJECTED, PASS = Status.FAIL, Status.CRASH, Status.TIMEOUT
 VERDICTS = tuple(Status)
 
 
+# --- speedups (also lab.stats.speedup, lab.stats.speedup_ci) ---------------------------------
+def speedup(log_ratio: float | None) -> float | None:
+    """Incumbent time over candidate time for x = log(t_candidate / t_incumbent): 2.0 is twice as
+    fast; None for None."""
+    return None if log_ratio is None else math.exp(-log_ratio)
+
+
+def speedup_ci(ci_low: float | None, ci_high: float | None) -> tuple[float, float] | None:
+    """A CI of x as a CI of the speedup, (low, high): the bounds swap (a lower x is a higher
+    speedup); None when the CI is unknown."""
+    if ci_low is None or ci_high is None:
+        return None
+    return math.exp(-ci_high), math.exp(-ci_low)
+
+
 class Record:
     """Mixin: JSON round trip for dataclasses, recursing into nested records and lists of them."""
 
@@ -198,16 +213,12 @@ class Verdict(Record):
 
     @property
     def speedup(self) -> float | None:
-        """Incumbent time over candidate time (2.0 = twice as fast); lab.stats.speedup."""
-        from .stats import speedup  # stats builds on these records: imported when asked
-
+        """Incumbent time over candidate time (2.0 = twice as fast)."""
         return speedup(self.median)
 
     @property
     def speedup_ci(self) -> tuple[float, float] | None:
-        """The CI of the speedup, (low, high); lab.stats.speedup_ci."""
-        from .stats import speedup_ci
-
+        """The CI of the speedup, (low, high)."""
         return speedup_ci(self.ci_low, self.ci_high)
 
 

@@ -12,7 +12,7 @@ when a harness imports any other lab module. What is here:
   on every read) and `build_cached` (the harness's own build through that cache);
 - `file_lock` / `try_lock` (flock across processes);
 - `sandbox`: the module that runs candidate code (`sandbox.Sandbox`, `Bind`, `Limits`, `kill`, ...);
-- `git` / `git_env` (git without the user's GIT_* variables);
+- `git`, `git_run`, `git_env` (git without the user's GIT_* variables);
 - `telemetry`: read-only NVML (`open_nvml`, `device_handle`, `read`) for a profile digest.
 """
 
@@ -25,6 +25,7 @@ from .errors import (CandidateAborted, EnvironmentUnavailable, HarnessContractEr
 from .extras import require
 from .git import env as git_env
 from .git import git
+from .git import run as git_run
 from .harness import Harness, load, sha256_file, sha256_text, tree_files, tree_hash
 from .locks import file_lock, try_lock
 from .records import Build, Check, CheckItem, Environment, Metric, Sample, Status
@@ -33,6 +34,6 @@ from .system import telemetry
 __all__ = [
     "Build", "CandidateAborted", "Check", "CheckItem", "Entry", "Environment", "EnvironmentUnavailable",
     "Harness", "HarnessContractError", "LabError", "Metric", "MissingExtra", "Sample", "Status",
-    "build_cached", "default_cache", "fetch", "file_lock", "git", "git_env", "load", "require", "sandbox",
+    "build_cached", "default_cache", "fetch", "file_lock", "git", "git_env", "git_run", "load", "require", "sandbox",
     "sha256_file", "sha256_text", "summary", "telemetry", "tree_files", "tree_hash", "try_lock",
 ]

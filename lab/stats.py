@@ -5,7 +5,8 @@ protocol (README, "How a run works") keeps a change only when the whole 99% CI o
 faster by at least delta, where delta = max(0.5%, 2 x the A/A noise floor), and sends every KEEP to a
 confirmation run in a fresh process. `verdict_for` is the one place where a runner's record
 becomes a verdict: every guard against a dishonest or broken timing is there. `speedup` and
-`speedup_ci` turn a log ratio (and its CI) into the speedup every report shows.
+`speedup_ci` (defined with the records, whose `median` and CI they read) turn a log ratio and
+its CI into the speedup every report shows.
 
 This module imports nothing of the lab but lab.records (tests/test_imports.py).
 """
@@ -18,6 +19,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from .records import CRASH, FAIL, KEEP, SAME, WORSE, Evaluation, Pair, Sample, TelemetryBlock, Verdict
+from .records import speedup, speedup_ci  # noqa: F401 (part of this module's API)
 
 DEFAULT_CONFIDENCE = 0.99
 MIN_DELTA = 0.005  # 0.5 %: below this no GPU timing we have seen is reproducible across processes
@@ -37,21 +39,6 @@ N_BOOT = 4000
 DEVICE_OVER_WALL = 1.05
 DEVICE_OVER_WALL_SLACK_S = 1e-3
 MIN_TIMER_COVERAGE = 0.2
-
-
-# --- speedups ---------------------------------------------------------------------------------
-def speedup(log_ratio: float | None) -> float | None:
-    """Incumbent time over candidate time for x = log(t_candidate / t_incumbent): 2.0 is twice as
-    fast; None for None."""
-    return None if log_ratio is None else math.exp(-log_ratio)
-
-
-def speedup_ci(ci_low: float | None, ci_high: float | None) -> tuple[float, float] | None:
-    """A CI of x as a CI of the speedup, (low, high): the bounds swap (a lower x is a higher
-    speedup); None when the CI is unknown."""
-    if ci_low is None or ci_high is None:
-        return None
-    return math.exp(-ci_high), math.exp(-ci_low)
 
 
 # --- the numbers ----------------------------------------------------------------------------

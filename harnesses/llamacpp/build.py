@@ -19,10 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab import Build, sandbox
-from lab.errors import EnvironmentUnavailable
-from lab.harness import sha256_file, tree_hash
-from lab.store import file_lock
+from lab.sdk import Build, EnvironmentUnavailable, file_lock, sandbox, sha256_file, tree_hash
 
 from . import source
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab import Check, CheckItem, Sample, sandbox
+from lab.sdk import Check, CheckItem, Sample, sandbox
 
 from . import driver, gguf
 

@@ -99,10 +99,10 @@ def gpu_busy(bindir: Path, model: Path, gpu_index: int = 0) -> str:
     kernel ran; it is read every 20 ms while llama-bench generates IDLE_N_GEN tokens IDLE_REPS
     times, and only readings inside the generation (the last sum(samples_ns) before the process
     ended, less its first 0.2 s) are averaged. Coarse, but it needs no profiler."""
-    from lab.system.telemetry import device_handle, open_nvml, read
+    from lab.sdk import telemetry
 
-    nvml = open_nvml()
-    handle = device_handle(nvml, gpu_index) if nvml is not None else None
+    nvml = telemetry.open_nvml()
+    handle = telemetry.device_handle(nvml, gpu_index) if nvml is not None else None
     if handle is None:
         return "GPU idle between kernels: no NVML here"
     cmd = [str(bindir / "llama-bench"), "-m", str(model), "-p", "0", "-n", str(IDLE_N_GEN), "-r", str(IDLE_REPS),
@@ -112,7 +112,7 @@ def gpu_busy(bindir: Path, model: Path, gpu_index: int = 0) -> str:
 
     def poll():
         while not done.is_set():
-            rates = read(nvml, "nvmlDeviceGetUtilizationRates", handle)
+            rates = telemetry.read(nvml, "nvmlDeviceGetUtilizationRates", handle)
             if rates is not None:
                 readings.append((time.monotonic(), float(rates.gpu)))
             time.sleep(NVML_POLL_S)

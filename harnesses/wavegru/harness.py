@@ -19,9 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab import Build, Check, CheckItem, Environment, Harness, Metric, Sample  # noqa: F401
-from lab import sandbox
-from lab.errors import EnvironmentUnavailable
+from lab.sdk import Build, Check, Environment, EnvironmentUnavailable, Harness, Metric, Sample, sandbox
 
 from . import oracle
 from .build import sealed_nvcc

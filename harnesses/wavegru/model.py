@@ -44,7 +44,7 @@ class Result:
 
 
 def _torch():
-    from lab.extras import require
+    from lab.sdk import require
 
     return require("torch")
 

@@ -308,8 +308,7 @@ def run(cubin: bytes, seeds: list[int], deadline_s: float = 30.0):
     set). Each in generate mode (tokens exact, p and final states against the reference) and
     teacher mode (p and final states), each phase in a freshly loaded module, every launch
     through the same Launcher as timing (guards, read-only inputs, scrubbing)."""
-    from lab import Check, CheckItem
-    from lab.extras import require
+    from lab.sdk import Check, CheckItem, require
 
     from . import device as dev
     from .cuda import Module
