@@ -25,6 +25,7 @@ import os
 import socket
 import tempfile
 import threading
+from typing import Any
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,7 +204,7 @@ class RayExecutor:
 
     def __init__(self, harness: Harness, env_name: str, address: str, max_lost: int = 3):
         self.harness, self.env_name, self.address, self.max_lost = harness, env_name, address, max_lost
-        self._task = None
+        self._task: Any = None
 
     def preflight(self) -> int:
         """Connect; returns how many evaluations the cluster can run at once."""
@@ -292,7 +293,7 @@ def _ray_evaluate(harness_root: str, env_name: str, req: dict) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     harness = load(harness_root, model=req.get("model"))
     gpu_ids = [int(g) for g in ray.get_gpu_ids()]
-    here = next((n for n in ray.nodes() if n.get("NodeID") == node), {})
+    here: dict = next((n for n in ray.nodes() if n.get("NodeID") == node), {})
     key = "GPU" if harness.environment.needs_gpu else SLOT_RESOURCE
     per_node = int(here.get("Resources", {}).get(key, 1))
     k, lock = _worker_slot(per_node)  # disjoint CPU sets for the tasks that share this node
@@ -347,7 +348,7 @@ class ParallelLab(Lab):
             with self.lock:
                 render()
 
-        self.folder.render = locked_render
+        self.folder.render = locked_render  # type: ignore[method-assign]
         return self
 
     # --- evaluation on a slot ------------------------------------------------------------------

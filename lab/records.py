@@ -67,7 +67,7 @@ class Record:
     """Mixin: JSON round trip for dataclasses, recursing into nested records and lists of them."""
 
     def to_dict(self) -> dict:
-        return json_safe(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(typing.cast(typing.Any, self)))
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -76,7 +76,7 @@ class Record:
     def from_dict(cls, data: dict):
         hints = typing.get_type_hints(cls)
         kwargs = {}
-        for f in dataclasses.fields(cls):
+        for f in dataclasses.fields(typing.cast(typing.Any, cls)):
             if f.name in data:
                 kwargs[f.name] = _load(hints[f.name], data[f.name])
         return cls(**kwargs)

@@ -26,7 +26,7 @@ UNTIMED_MARKS = {"FAIL": "x", "CRASH": "X", "TIMEOUT": "v"}
 
 def progress_points(events: list[dict]) -> dict:
     """The plot's data: timed experiments, untimed ones, rejections, the best-so-far steps."""
-    timed = {"x": [], "speedup": [], "lo": [], "hi": [], "verdict": []}
+    timed: dict[str, list] = {"x": [], "speedup": [], "lo": [], "hi": [], "verdict": []}
     untimed: list[tuple[int, str]] = []
     rejected: list[int] = []
     best_x, best_y = [0], [1.0]

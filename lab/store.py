@@ -155,7 +155,7 @@ class RunFolder:
         return data.count(b"\n")
 
     def events(self) -> list[dict]:
-        out = []
+        out: list[dict] = []
         if not self.events_path.exists():
             return out
         with open(self.events_path) as f:

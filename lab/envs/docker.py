@@ -34,7 +34,7 @@ CACHE_TARGET = "/cache"
 NOBODY = "65534:65534"  # for an image that declares no non-root user
 # What the runner's container needs so that bubblewrap can sandbox candidate code inside it.
 SANDBOX_SECURITY_OPT = ["no-new-privileges", "seccomp=unconfined", "apparmor=unconfined"]
-SANDBOX_HOST_CONFIG = {"MaskedPaths": [], "ReadonlyPaths": []}  # `--security-opt systempaths=unconfined`
+SANDBOX_HOST_CONFIG: dict[str, list] = {"MaskedPaths": [], "ReadonlyPaths": []}  # `--security-opt systempaths=unconfined`
 
 
 def engine_address() -> str:

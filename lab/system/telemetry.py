@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from types import ModuleType
+from typing import Any
 
 from ..records import TelemetryBlock
 from . import cpus
@@ -39,13 +39,14 @@ THROTTLING = frozenset({"sw_thermal", "hw_thermal", "hw_slowdown", "hw_power_bra
 SAMPLE_INTERVAL_S = 0.05
 
 
-def open_nvml(nvml: ModuleType | object | None = None):
+def open_nvml(nvml: Any = None):
     """An initialised NVML module (or the given fake), or None when there is no NVML or driver."""
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml
         except ImportError:
             return None
+        nvml = pynvml
     try:
         nvml.nvmlInit()
     except nvml.NVMLError:
