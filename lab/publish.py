@@ -42,7 +42,6 @@ def default_dockerfile(harness: Harness) -> Path:
 def publish(harness: Harness, registry: str, *, dockerfile=None, base_image=None, tag=None,
             client=None) -> dict:
     """Build, push, verify and record the image of `harness`; return the image lock written."""
-    docker = require("docker")
     client = client or connect(timeout_s=1800)
     dockerfile = Path(dockerfile) if dockerfile else default_dockerfile(harness)
     if not dockerfile.is_file():
@@ -52,14 +51,44 @@ def publish(harness: Harness, registry: str, *, dockerfile=None, base_image=None
     repo = f"{registry.rstrip('/')}/lab/{harness.name}"
     tag = tag or f"{__version__}-{lock_digest[:12]}"
     base = base_image or dockerfile_default(dockerfile, "BASE_IMAGE")
-    base_digest = image_digest(client, base)
-    buildargs = {
+    buildargs = build_args(harness.name, lock_digest, dockerfile, base, image_digest(client, base))
+    with tempfile.TemporaryDirectory(prefix="lab-context-") as ctx:
+        arch = client.info().get("Architecture") or "x86_64"
+        build_context(Path(ctx), dockerfile, arch)
+        image_id = build(client, ctx, buildargs, image_labels(harness, buildargs))
+    client.api.tag(image_id, repo, tag)
+    reference = f"{repo}@{push(client, repo, tag)}"
+    pull_back(client, reference, f"{repo}:{tag}", {LABEL_VERSION: __version__,
+                                                    LABEL_HARNESS_LOCK: buildargs["HARNESS_LOCK"],
+                                                    LABEL_BASE_DIGEST: buildargs["BASE_DIGEST"]})
+    record = {
+        "image": reference,
+        "tag": f"{repo}:{tag}",
+        "dockerfile": _relative(dockerfile),
+        "base_image": base,
+        "base_digest": buildargs["BASE_DIGEST"],
+        "lab_version": __version__,
+        "harness_lock": lock_digest,
+        "published": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    (harness.root / IMAGE_LOCK).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def build_args(name: str, lock_digest: str, dockerfile: Path, base: str, base_digest: str) -> dict:
+    """The Dockerfile's build arguments: the base pinned by digest, the lab's version, the lock."""
+    return {
         "BASE_IMAGE": base,
         "BASE_DIGEST": base_digest,
         "LAB_VERSION": __version__,
-        "HARNESS_LOCK": f"{harness.name}={lock_digest}",
+        "HARNESS_LOCK": f"{name}={lock_digest}",
         "SOURCE_DATE_EPOCH": source_date_epoch(dockerfile),
     }
+
+
+def image_labels(harness: Harness, buildargs: dict) -> dict:
+    """Labels besides those the Dockerfile sets from the build arguments: the harness, the date
+    (SOURCE_DATE_EPOCH, for a reproducible image) and the lab's commit where there is one."""
     labels = {
         "org.lab.harness": harness.name,
         "org.opencontainers.image.created": datetime.fromtimestamp(
@@ -68,37 +97,19 @@ def publish(harness: Harness, registry: str, *, dockerfile=None, base_image=None
     revision = _git("rev-parse", "HEAD")
     if revision:
         labels["org.opencontainers.image.revision"] = revision
+    return labels
 
-    with tempfile.TemporaryDirectory(prefix="lab-context-") as ctx:
-        arch = client.info().get("Architecture") or "x86_64"
-        build_context(Path(ctx), dockerfile, arch)
-        image_id = build(client, ctx, buildargs, labels)
-    client.api.tag(image_id, repo, tag)
-    digest = push(client, repo, tag)
-    reference = f"{repo}@{digest}"
 
-    # Forget the local name, then take the image back from the registry: what is recorded is
-    # what anyone pulling the digest gets.
-    client.api.remove_image(f"{repo}:{tag}", noprune=True)  # keep the build cache
+def pull_back(client, reference: str, local_tag: str, expected_labels: dict) -> None:
+    """Forget the local name, then take the image back from the registry by digest and verify it:
+    what is recorded is what anyone pulling the digest gets."""
+    docker = require("docker")
+    client.api.remove_image(local_tag, noprune=True)  # keep the build cache
     try:
         pulled = client.images.pull(reference)
     except docker.errors.DockerException as exc:
         raise LabError(f"pushed {reference} but could not pull it back: {exc}") from None
-    verify(client, pulled, reference, {LABEL_VERSION: __version__,
-                                       LABEL_HARNESS_LOCK: buildargs["HARNESS_LOCK"],
-                                       LABEL_BASE_DIGEST: base_digest})
-    record = {
-        "image": reference,
-        "tag": f"{repo}:{tag}",
-        "dockerfile": _relative(dockerfile),
-        "base_image": base,
-        "base_digest": base_digest,
-        "lab_version": __version__,
-        "harness_lock": lock_digest,
-        "published": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    (harness.root / IMAGE_LOCK).write_text(json.dumps(record, indent=1) + "\n")
-    return record
+    verify(client, pulled, reference, expected_labels)
 
 
 # --- the build context ------------------------------------------------------------------------
