@@ -45,8 +45,6 @@ def _oracle_lines(event: dict, count: int = 6) -> str:
     return ("\n    " + "\n    ".join(x[:300] for x in bad[:count])) if bad else ""
 
 
-
-
 @dataclass
 class Settings:
     budget_s: float = 8 * 3600

@@ -25,10 +25,10 @@ import os
 import socket
 import tempfile
 import threading
-from typing import Any
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import stats
 from .agents import Agent, AgentFatal, Proposal
