@@ -87,7 +87,8 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 
 # --- harnesses: lab.sdk only -------------------------------------------------------------------
-LAB_IMPORT_IN_TEXT = re.compile(r"^\s*(?:from\s+(lab(?:\.\w+)*)\s+import\s+([\w, ()]+)|import\s+(lab(?:\.\w+)*))", re.M)
+LAB_IMPORT_IN_TEXT = re.compile(r"^\s*(?:from\s+(lab(?:\.\w+)*)\s+import\s+(\([^)]*\)|[\w, ]+)|import\s+(lab(?:\.\w+)*))",
+                                re.M)
 
 
 def _sdk_names() -> set[str]:
