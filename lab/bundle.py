@@ -35,9 +35,10 @@ from .envs import Env
 from .errors import BundleError, LabError, PatchRejected
 from .evaluate import run_evaluation
 from .harness import Harness, sha256_text, stage_editable, tree_hash
-from .records import SCHEMA_VERSION, Evaluation, Pair
-from .store import RunFolder
-from .workspace import Workspace, apply_patch, git, git_env, guard_patch
+from .records import KEEP, SCHEMA_VERSION, Evaluation, Pair
+from .store import RunFolder, event_status
+from .git import git
+from .workspace import Workspace, apply_patch, guard_patch
 
 BUNDLE_FILE = "bundle.json"
 BASE = "base"
@@ -67,18 +68,7 @@ def export(run_path: Path, harness: Harness, experiment: str | None = None, out:
     """Write the bundle of one experiment of a run (default: the last kept one)."""
     folder = RunFolder.open(run_path)
     meta, events = folder.meta, folder.events()
-    evaluated = [e for e in events if e["type"] == "evaluated"]
-    if experiment:
-        chosen = [e for e in evaluated if e["commit"].startswith(experiment)
-                  or str(e["number"]) == experiment]
-        if not chosen:
-            raise LabError(f"{run_path} has no evaluated experiment {experiment}; see `lab log {run_path}`")
-        event = chosen[-1]
-    else:
-        kept = [e for e in evaluated if e["status"] == "keep"]
-        if not kept:
-            raise LabError(f"{run_path} has no kept experiment to export; name one with --experiment")
-        event = kept[-1]
+    event = _chosen_experiment(events, run_path, experiment)
     kept_commit = next((k["commit"] for k in events if k["type"] == "kept" and k["number"] == event["number"]),
                        event["commit"])
     record = Evaluation.from_dict(json.loads((folder.path / event["record"]).read_text()))
@@ -88,45 +78,71 @@ def export(run_path: Path, harness: Harness, experiment: str | None = None, out:
     # The base is the incumbent this experiment was timed against, so that the recorded verdict
     # and the re-measured one compare the same two sources.
     base = event.get("measured_against") or _incumbent_before(events, event["seq"], meta["base_commit"])
-    patch = workspace.diff(base, kept_commit)
     with tempfile.TemporaryDirectory() as tmp:
         base_tree = Path(tmp) / BASE
         files = _checkout_editable(workspace, base, base_tree)
-        data = {
-            "schema_version": SCHEMA_VERSION,
-            "harness": harness.name,
-            "harness_lock": meta.get("harness_lock") or harness.lock_digest(),
-            "lock_files": harness.lock_hashes(),
-            "base_commit": base,
-            "run_base_commit": meta["base_commit"],
-            "commit": kept_commit,
-            "experiment": event["number"],
-            "hypothesis": event.get("description", ""),
-            "patch": patch,
-            "base_source": tree_hash(base_tree, files),
-            "environment": meta.get("environment", "native"),
-            "fingerprint": record.fingerprint,
-            "oracle_seeds": record.seeds[:-1],
-            "output_hashes": record.check.output_hashes,
-            "check_lines": record.check.lines,
-            "artifact_sha256": record.candidate_build.artifact_sha256,
-            "incumbent_artifact_sha256": record.incumbent_build.artifact_sha256 if record.incumbent_build else "",
-            "verdict": event["verdict"],
-            "confirmation": event.get("confirmation"),
-            "cumulative_speedup": next((k.get("cumulative_speedup") for k in events
-                                        if k["type"] == "kept" and k["number"] == event["number"]), None),
-            "pairs": [p.to_dict() for p in record.pairs],
-        }
-        data["digest"] = content_digest(data)
+        data = _bundle_data(harness, meta, events, event, record, base=base, commit=kept_commit,
+                            patch=workspace.diff(base, kept_commit), base_source=tree_hash(base_tree, files))
         out = out or folder.path / "bundles" / f"{meta['id']}-{event['number']:04d}.tar.gz"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = out.with_name(out.name + ".tmp")
-        with tarfile.open(tmp_out, "w:gz") as tar:
-            _add_file(tar, BUNDLE_FILE, json.dumps(data, indent=1).encode())
-            for rel in sorted(files):
-                _add_file(tar, f"{BASE}/{rel}", (base_tree / rel).read_bytes())
-        tmp_out.replace(out)
+        _write_bundle(out, data, base_tree, files)
     return out
+
+
+def _chosen_experiment(events: list[dict], run_path: Path, experiment: str | None) -> dict:
+    """The `evaluated` event of `experiment` (a number or a commit prefix), else the last kept one."""
+    evaluated = [e for e in events if e["type"] == "evaluated"]
+    if experiment:
+        chosen = [e for e in evaluated if e["commit"].startswith(experiment) or str(e["number"]) == experiment]
+        if not chosen:
+            raise LabError(f"{run_path} has no evaluated experiment {experiment}; see `lab log {run_path}`")
+        return chosen[-1]
+    kept = [e for e in evaluated if event_status(e) == KEEP]
+    if not kept:
+        raise LabError(f"{run_path} has no kept experiment to export; name one with --experiment")
+    return kept[-1]
+
+
+def _bundle_data(harness: Harness, meta: dict, events: list[dict], event: dict, record: Evaluation, *,
+                 base: str, commit: str, patch: str, base_source: str) -> dict:
+    """bundle.json: what was claimed (verdict, pairs, hashes) and what reproduces it, with its digest."""
+    data = {
+        "schema_version": SCHEMA_VERSION,
+        "harness": harness.name,
+        "harness_lock": meta.get("harness_lock") or harness.lock_digest(),
+        "lock_files": harness.lock_hashes(),
+        "base_commit": base,
+        "run_base_commit": meta["base_commit"],
+        "commit": commit,
+        "experiment": event["number"],
+        "hypothesis": event.get("description", ""),
+        "patch": patch,
+        "base_source": base_source,
+        "environment": meta.get("environment", "native"),
+        "fingerprint": record.fingerprint,
+        "oracle_seeds": record.seeds[:-1],
+        "output_hashes": record.check.output_hashes,
+        "check_lines": record.check.lines,
+        "artifact_sha256": record.candidate_build.artifact_sha256,
+        "incumbent_artifact_sha256": record.incumbent_build.artifact_sha256 if record.incumbent_build else "",
+        "verdict": event["verdict"],
+        "confirmation": event.get("confirmation"),
+        "cumulative_speedup": next((k.get("cumulative_speedup") for k in events
+                                    if k["type"] == "kept" and k["number"] == event["number"]), None),
+        "pairs": [p.to_dict() for p in record.pairs],
+    }
+    data["digest"] = content_digest(data)
+    return data
+
+
+def _write_bundle(out: Path, data: dict, base_tree: Path, files: list[str]) -> None:
+    """The bundle file, whole or not at all: bundle.json and the base's editable files."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(out.name + ".tmp")
+    with tarfile.open(tmp_out, "w:gz") as tar:
+        _add_file(tar, BUNDLE_FILE, json.dumps(data, indent=1).encode())
+        for rel in sorted(files):
+            _add_file(tar, f"{BASE}/{rel}", (base_tree / rel).read_bytes())
+    tmp_out.replace(out)
 
 
 def _incumbent_before(events: list[dict], seq: int, run_base: str) -> str:
@@ -162,10 +178,7 @@ def _checkout_editable(workspace: Workspace, commit: str, dest: Path) -> list[st
 
 
 def _blob(worktree: Path, obj: str) -> bytes:
-    import subprocess
-
-    return subprocess.run(["git", "cat-file", "blob", obj], cwd=worktree, capture_output=True, check=True,
-                          env=git_env()).stdout
+    return git(worktree, "cat-file", "blob", obj, text=False)
 
 
 # --- reproduce ---------------------------------------------------------------------------------
@@ -302,7 +315,7 @@ def _check_claims(data: dict) -> None:
                ((median, v["median"]), (lo, v.get("ci_low")), (hi, v.get("ci_high")))
                if isinstance(b, (int, float))) or len(pairs) != v.get("pairs", len(pairs)):
         raise BundleError("the bundle's recorded verdict does not follow from its own recorded samples "
-                          f"(they give {math.exp(-median):.4f}x, it claims {math.exp(-v['median']):.4f}x); refusing it")
+                          f"(they give {stats.speedup(median):.4f}x, it claims {stats.speedup(v['median']):.4f}x); refusing it")
 
 
 def reproduce(bundle: Path, harness: Harness, env: Env, work: Path) -> dict:
@@ -313,38 +326,53 @@ def reproduce(bundle: Path, harness: Harness, env: Env, work: Path) -> dict:
     data = read_bundle(bundle, unpacked, harness)
     check_bundle(data, harness)
     base_tree = unpacked / BASE
-    if tree_hash(base_tree, harness.editable_files(base_tree)) != data["base_source"]:
-        raise BundleError("the bundle's base files do not match their recorded hash; it is damaged")
-    candidate_tree = work / "candidate"
-    stage_editable(harness, base_tree, candidate_tree)
-    try:
-        apply_patch(data["patch"], candidate_tree, harness)
-    except PatchRejected as exc:
-        raise BundleError(f"the bundle's patch does not apply to its own base: {exc}") from None
-    recorded_fp = data.get("fingerprint") or {}
-    candidate_source = tree_hash(candidate_tree, harness.editable_files(candidate_tree))
-    for field, now in (("candidate_source", candidate_source), ("incumbent_source", data["base_source"])):
-        if recorded_fp.get(field) not in (None, now):
-            raise BundleError(f"the bundle's patched source does not match its recorded {field} "
-                              f"({str(recorded_fp.get(field))[:16]} recorded, {now[:16]} now); refusing it")
+    candidate_tree = _candidate_tree(data, harness, base_tree, work / "candidate")
     env.preflight()  # pulls the image by digest when the engine lacks it
-
     recorded_v = data["verdict"]
     delta = min(max(float(recorded_v.get("delta") or stats.MIN_DELTA), stats.MIN_DELTA), 0.5)
     replay = run_evaluation(harness, candidate_tree, work / "replay", env=env, mode="check",
                             check_seeds=data["oracle_seeds"])
     timing = run_evaluation(harness, candidate_tree, work / "timing", env=env, mode="evaluate",
                             incumbent_tree=base_tree, delta=delta)
-    ev, tv = replay.evaluation, timing.evaluation
-    now_v = timing.verdict
+    report = {"bundle": str(bundle), "harness": harness.name, "experiment": data.get("experiment"),
+              "hypothesis": data.get("hypothesis"), "environment_recorded": data["environment"],
+              "environment_now": env.reference(), **_comparison(data, replay.evaluation, timing)}
+    failed = [name for name, good in (("incorrect", report["correct"]), ("outputs", report["outputs_identical"]),
+                                      ("artifact", report["artifact_identical"] and report["base_artifact_identical"]),
+                                      ("speedup", report["speedup_consistent"])) if not good]
+    report["failed"] = failed
+    report["ok"] = not failed
+    report["exit_code"] = EXIT_CODES[failed[0]] if failed else EXIT_CODES["reproduced"]
+    return report
+
+
+def _candidate_tree(data: dict, harness: Harness, base_tree: Path, dest: Path) -> Path:
+    """The bundle's base with its patch applied, staged at `dest`; refused unless both sources are
+    the ones the bundle recorded."""
+    if tree_hash(base_tree, harness.editable_files(base_tree)) != data["base_source"]:
+        raise BundleError("the bundle's base files do not match their recorded hash; it is damaged")
+    stage_editable(harness, base_tree, dest)
+    try:
+        apply_patch(data["patch"], dest, harness)
+    except PatchRejected as exc:
+        raise BundleError(f"the bundle's patch does not apply to its own base: {exc}") from None
+    recorded_fp = data.get("fingerprint") or {}
+    candidate_source = tree_hash(dest, harness.editable_files(dest))
+    for field, now in (("candidate_source", candidate_source), ("incumbent_source", data["base_source"])):
+        if recorded_fp.get(field) not in (None, now):
+            raise BundleError(f"the bundle's patched source does not match its recorded {field} "
+                              f"({str(recorded_fp.get(field))[:16]} recorded, {now[:16]} now); refusing it")
+    return dest
+
+
+def _comparison(data: dict, ev: Evaluation, timing) -> dict:
+    """The recorded claim beside the re-measurement: correctness, outputs, artifacts, verdict,
+    speedup and fingerprint (`ev`: the check on the recorded seeds; `timing`: the re-timing)."""
     from .system.fingerprint import differences
 
-    recorded_speed, now_speed = _speed(recorded_v), _speed(now_v.to_dict())
+    tv, now_v, recorded_v = timing.evaluation, timing.verdict, data["verdict"]
     builds = [b for b in (ev.candidate_build, tv.candidate_build) if b is not None]
-    report = {
-        "bundle": str(bundle), "harness": harness.name, "experiment": data.get("experiment"),
-        "hypothesis": data.get("hypothesis"), "environment_recorded": data["environment"],
-        "environment_now": env.reference(),
+    return {
         "correct": bool(ev.check and ev.check.passed),
         "check_lines": ev.check.lines if ev.check else [ev.reason],
         "artifact_identical": bool(builds) and all(b.artifact_sha256 == data["artifact_sha256"] for b in builds),
@@ -356,18 +384,11 @@ def reproduce(bundle: Path, harness: Harness, env: Env, work: Path) -> dict:
         "base_artifact_now": tv.incumbent_build.artifact_sha256 if tv.incumbent_build else "",
         "outputs_identical": bool(ev.check and ev.check.output_hashes == data["output_hashes"]),
         "verdict_recorded": recorded_v.get("status"), "verdict_now": now_v.status,
-        "speedup_recorded": recorded_speed, "speedup_recorded_cumulative": data.get("cumulative_speedup"),
-        "speedup_now": now_speed,
+        "speedup_recorded": _speed(recorded_v), "speedup_recorded_cumulative": data.get("cumulative_speedup"),
+        "speedup_now": _speed(now_v.to_dict()),
         "speedup_consistent": speedup_consistent(recorded_v, now_v.to_dict()),
-        "fingerprint_differences": differences(recorded_fp, tv.fingerprint or {}),
+        "fingerprint_differences": differences(data.get("fingerprint") or {}, tv.fingerprint or {}),
     }
-    failed = [name for name, good in (("incorrect", report["correct"]), ("outputs", report["outputs_identical"]),
-                                      ("artifact", report["artifact_identical"] and report["base_artifact_identical"]),
-                                      ("speedup", report["speedup_consistent"])) if not good]
-    report["failed"] = failed
-    report["ok"] = not failed
-    report["exit_code"] = EXIT_CODES[failed[0]] if failed else EXIT_CODES["reproduced"]
-    return report
 
 
 def speedup_consistent(recorded: dict, now: dict) -> bool:
@@ -389,6 +410,6 @@ def speedup_consistent(recorded: dict, now: dict) -> bool:
 def _speed(v: dict) -> dict:
     if not v or v.get("median") is None:
         return {"status": (v or {}).get("status")}
-    return {"status": v.get("status"), "speedup": math.exp(-v["median"]),
-            "ci": [math.exp(-v["ci_high"]), math.exp(-v["ci_low"])] if v.get("ci_low") is not None else None,
+    ci = stats.speedup_ci(v.get("ci_low"), v.get("ci_high"))
+    return {"status": v.get("status"), "speedup": stats.speedup(v["median"]), "ci": list(ci) if ci else None,
             "pairs": v.get("pairs")}

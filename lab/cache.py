@@ -13,6 +13,9 @@ fail loudly instead of being timed or trusted.
 
     entry = fetch(cache / "builds" / "cdot", key, make)   # make(folder) -> dict | None
     entry.path, entry.meta, entry.cached, entry.evicted
+
+`build_cached` is the harness's build through such an entry (the runner's, and a harness's own
+baseline); `default_cache()` is the root every cache of the lab and its harnesses lives under.
 """
 
 from __future__ import annotations
@@ -28,11 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .harness import manifest_differences, sha256_file as _sha256
-from .store import atomic_write, file_lock, now_iso
+from .errors import summary
+from .harness import Harness, manifest_differences, sha256_file as _sha256, tree_hash
+from .locks import file_lock
+from .records import Build
+from .store import atomic_write, now_iso
 
 MANIFEST_SUFFIX = ".manifest.json"
 EVICTIONS_LOG = "evictions.log"
+
+
+def default_cache() -> Path:
+    """The root of the lab's caches (builds, references, models): $LAB_CACHE, else ~/.cache/lab."""
+    return Path(os.environ.get("LAB_CACHE") or Path.home() / ".cache" / "lab")
 
 
 class CacheMismatch(Exception):
@@ -157,3 +168,41 @@ def _remove(path: Path) -> None:
     for dirpath, dirnames, filenames in os.walk(path):
         os.chmod(dirpath, 0o755)
     shutil.rmtree(path, ignore_errors=True)
+
+
+# --- builds -----------------------------------------------------------------------------------
+def build_cached(harness: Harness, stage: Path, cache: Path) -> Build:
+    """Build a staged tree once per (locked harness, source) pair; reuse it afterwards, re-hashed.
+
+    The entry lives in a verified cache (`fetch`): every read re-hashes the artifact and a
+    changed one is evicted, logged and rebuilt, never used. A failed build is not cached."""
+    files = harness.editable_files(stage)
+    source_hash = tree_hash(stage, files)
+    failed: list[Build] = []
+
+    def make(out: Path) -> dict | None:
+        start = time.monotonic()
+        try:
+            build = harness.build(stage, out)
+        except Exception as exc:  # a harness bug or an unexpected toolchain failure
+            build = Build(ok=False, source_hash=source_hash, error=summary(exc))
+        build.source_hash = source_hash
+        build.seconds = build.seconds or time.monotonic() - start
+        if not build.ok:
+            failed.append(build)
+            return None
+        meta = build.to_dict()
+        # Stored relative to the entry: the folder is renamed into place once made.
+        meta["artifact"] = Path(build.artifact).resolve().relative_to(out.resolve()).as_posix() if build.artifact else ""
+        return meta
+
+    key = f"{harness.lock_digest()[:12]}-{source_hash[:20]}"
+    entry = fetch(cache / "builds" / harness.name, key, make)
+    if entry is None:
+        return failed[0]
+    build = Build.from_dict(entry.meta)
+    build.artifact = str(entry.path / build.artifact) if build.artifact else ""
+    build.cached = entry.cached
+    if entry.evicted:
+        build.info = {**build.info, "cache_evicted": entry.evicted}
+    return build

@@ -153,9 +153,7 @@ def _report(harness, outcome, as_json, isolation) -> None:
         click.echo(f"{harness.metric.name}: incumbent {a:.6g}, candidate {b:.6g} {harness.metric.unit}")
     text = f"verdict: {v.status}"
     if v.speedup is not None and v.ci_low is not None:
-        import math
-
-        text += (f"  speedup {v.speedup:.4f}x (99% CI {math.exp(-v.ci_high):.4f}-{math.exp(-v.ci_low):.4f}, "
+        text += (f"  speedup {v.speedup:.4f}x (99% CI {v.speedup_ci[0]:.4f}-{v.speedup_ci[1]:.4f}, "
                  f"{v.pairs} pairs, delta {v.delta * 100:.2f}%)")
     if v.reason or ev.reason:
         text += f"  — {v.reason or ev.reason}"
@@ -250,8 +248,8 @@ def noise(harness, pairs, model_path, env_name, runs_dir, as_json, no_sandbox):
     work = runs_dir / "records" / f"{new_run_id(h.name)}-noise"
     outcome = run_evaluation(h, h.source_tree(), work, env=env, mode="aa", min_pairs=pairs or None)
     ev = outcome.evaluation
-    if ev.status or not ev.pairs:
-        raise LabError(f"no A/A measurement: {ev.status} {ev.reason}")
+    if ev.status or not ev.pairs or outcome.verdict.status == "FAIL":  # FAIL: e.g. a broken time
+        raise LabError(f"no A/A measurement: {outcome.verdict.status} {outcome.verdict.reason or ev.reason}")
     report = stats.noise_report(stats.log_ratios(ev.pairs), ev.telemetry)
     report["sandbox"] = ev.fingerprint.get("sandbox") if env_name == "docker" and not no_sandbox else isolation
     report["record"] = str(outcome.record_path)

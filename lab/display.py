@@ -4,9 +4,12 @@ what the lab or the agent is doing now. On a terminal a rich panel redrawn in pl
 
 from __future__ import annotations
 
-import math
 import sys
 import time
+
+from .records import KEEP
+from .stats import speedup, speedup_ci
+from .store import event_status
 
 
 class LiveView:
@@ -91,8 +94,9 @@ def agent_rows(events: list[dict]) -> list[tuple[str, str]]:
 
 
 def _last_ci(lab) -> str:
-    kept = [e for e in lab.folder.events() if e["type"] == "evaluated" and e["status"] == "keep"]
+    kept = [e for e in lab.folder.events() if e["type"] == "evaluated" and event_status(e) == KEEP]
     if not kept or kept[-1]["verdict"].get("ci_low") is None:
         return ""
     v = kept[-1]["verdict"]
-    return f" (last keep {math.exp(-v['median']):.4f}x, 99% CI {math.exp(-v['ci_high']):.4f}-{math.exp(-v['ci_low']):.4f})"
+    low, high = speedup_ci(v["ci_low"], v["ci_high"])
+    return f" (last keep {speedup(v['median']):.4f}x, 99% CI {low:.4f}-{high:.4f})"

@@ -3,6 +3,14 @@
 Every message says what is wrong and what to do; the CLI prints it as one line and exits 2.
 """
 
+import traceback
+
+
+def summary(exc: BaseException, limit: int = 2000) -> str:
+    """An exception as the last `limit` characters of its one-line form (type: message)."""
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return text[-limit:]
+
 
 class LabError(Exception):
     """Base of every error the lab reports to a user as one line."""

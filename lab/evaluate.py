@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import stats
+from .cache import default_cache
 from .envs import Env, Mount
 from .harness import Harness, stage_editable, verify_lock
 from .records import CRASH, PASS, TIMEOUT, Evaluation, Verdict, unframe
-from .runner import default_cache
 from .scrub import scrub
 from .store import atomic_write
 
@@ -38,10 +38,6 @@ class Outcome:
     verdict: Verdict
     record_path: Path
     stderr_tail: str = ""
-
-    @property
-    def check_passed(self) -> bool:
-        return self.evaluation.check is not None and self.evaluation.check.passed
 
 
 def secret_seeds(count: int) -> list[int]:
@@ -82,47 +78,13 @@ def run_evaluation(
              "environment": env.reference(), **model_fingerprint(harness), **(fingerprint_extra or {})}
     if incumbent_tree is not None and mode == "evaluate":
         extra["incumbent_source"] = stage_editable(harness, incumbent_tree, stage / "incumbent")
-
-    request_file = work_dir / "request.json"
-    # Fresh secret seeds, unless a reproduction replays the seeds a bundle recorded.
-    request = {"nonce": secrets.token_hex(16), "sandbox": sandbox_env()[ENV_SANDBOX],
-               "check": list(check_seeds) if check_seeds else secret_seeds(harness.oracle_seeds),
-               "timing": secret_seeds(1)[0]}
-    fd = os.open(request_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(request, f)
-
-    cache = default_cache()
-    cache.mkdir(parents=True, exist_ok=True)
-    mounts = {
-        "harness": Mount(harness.root, "/lab/harness", read_only=True),
-        "stage": Mount(stage, "/lab/stage", read_only=True),
-        "work": Mount(work_dir, CONTAINER_WORK, read_only=False),
-        "cache": Mount(cache, "/cache", read_only=False),
-    }
-    if harness.model_path is not None:
-        mounts["model"] = Mount(harness.model_path.parent, "/lab/model", read_only=True)
-    at = {k: env.path_of(m) for k, m in mounts.items()}
+    request = write_request(work_dir / "request.json", harness, check_seeds)
+    mounts = runner_mounts(harness, stage, work_dir)
     record_path = work_dir / "record.json"
     if record_path.exists():
         record_path.unlink()
-    argv = [
-        "python", "-m", "lab.runner", "--mode", mode,
-        "--harness", at["harness"],
-        "--candidate", f"{at['stage']}/candidate",
-        "--request", f"{at['work']}/request.json",
-        "--delta", repr(delta), "--gpu-index", str(gpu_index), "--cache", at["cache"],
-        "--fingerprint-extra", json.dumps(extra),
-    ]
-    if mode == "evaluate":
-        argv += ["--incumbent", f"{at['stage']}/incumbent"]
-    if max_seconds:
-        argv += ["--max-seconds", repr(max_seconds)]
-    if min_pairs:
-        argv += ["--min-pairs", str(min_pairs)]
-    if harness.model_path is not None:
-        argv += ["--model", f"{at['model']}/{harness.model_path.name}"]
-
+    argv = runner_argv(harness, {k: env.path_of(m) for k, m in mounts.items()}, mode=mode, delta=delta,
+                       gpu_index=gpu_index, extra=extra, max_seconds=max_seconds, min_pairs=min_pairs)
     limit = timeout_s or harness.timeout_seconds
     result = env.run(argv, mounts=list(mounts.values()), timeout_s=limit, cpus=cpus, gpus=None,
                      env={ENV_SANDBOX: request["sandbox"]})
@@ -143,6 +105,56 @@ def run_evaluation(
     else:
         verdict = stats.verdict_for(evaluation, delta, speed_of_light_seconds=harness.speed_of_light_seconds)
     return Outcome(evaluation, verdict, record_path, tail)
+
+
+def write_request(path: Path, harness: Harness, check_seeds: list[int] | None) -> dict:
+    """The runner's request (its nonce, the sandbox choice, the seeds), readable by this user only.
+    Fresh secret seeds, unless a reproduction replays the seeds a bundle recorded."""
+    request = {"nonce": secrets.token_hex(16), "sandbox": sandbox_env()[ENV_SANDBOX],
+               "check": list(check_seeds) if check_seeds else secret_seeds(harness.oracle_seeds),
+               "timing": secret_seeds(1)[0]}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(request, f)
+    return request
+
+
+def runner_mounts(harness: Harness, stage: Path, work_dir: Path) -> dict[str, Mount]:
+    """What the runner sees: the harness and the staged sources read-only, its work folder and
+    the cache writable, the chosen model file's folder read-only."""
+    cache = default_cache()
+    cache.mkdir(parents=True, exist_ok=True)
+    mounts = {
+        "harness": Mount(harness.root, "/lab/harness", read_only=True),
+        "stage": Mount(stage, "/lab/stage", read_only=True),
+        "work": Mount(work_dir, CONTAINER_WORK, read_only=False),
+        "cache": Mount(cache, "/cache", read_only=False),
+    }
+    if harness.model_path is not None:
+        mounts["model"] = Mount(harness.model_path.parent, "/lab/model", read_only=True)
+    return mounts
+
+
+def runner_argv(harness: Harness, at: dict[str, str], *, mode: str, delta: float, gpu_index: int, extra: dict,
+                max_seconds: float | None, min_pairs: int | None) -> list[str]:
+    """`python -m lab.runner ...` with the paths as the environment shows them (`at`: mount -> path)."""
+    argv = [
+        "python", "-m", "lab.runner", "--mode", mode,
+        "--harness", at["harness"],
+        "--candidate", f"{at['stage']}/candidate",
+        "--request", f"{at['work']}/request.json",
+        "--delta", repr(delta), "--gpu-index", str(gpu_index), "--cache", at["cache"],
+        "--fingerprint-extra", json.dumps(extra),
+    ]
+    if mode == "evaluate":
+        argv += ["--incumbent", f"{at['stage']}/incumbent"]
+    if max_seconds:
+        argv += ["--max-seconds", repr(max_seconds)]
+    if min_pairs:
+        argv += ["--min-pairs", str(min_pairs)]
+    if harness.model_path is not None:
+        argv += ["--model", f"{at['model']}/{harness.model_path.name}"]
+    return argv
 
 
 def sandbox_env() -> dict:

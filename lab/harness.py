@@ -135,10 +135,10 @@ class Harness:
 
     def editable_files(self, tree: Path) -> list[str]:
         """Relative paths of the files under `tree` that belong to the editable surface."""
-        return [p for p in _walk(tree) if self.is_editable(p)]
+        return [p for p in tree_files(tree) if self.is_editable(p)]
 
     def locked_files(self) -> list[str]:
-        return [p for p in _walk(self.root) if p not in UNLOCKED and not self.is_editable(p)]
+        return [p for p in tree_files(self.root) if p not in UNLOCKED and not self.is_editable(p)]
 
     def lock_hashes(self) -> dict[str, str]:
         return {p: sha256_file(self.root / p) for p in self.locked_files()}
@@ -210,7 +210,9 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _walk(tree: Path) -> list[str]:
+def tree_files(tree: Path) -> list[str]:
+    """Relative paths (sorted, POSIX) of the files under `tree` that can belong to a harness: no
+    .git, no byte-code caches or editor droppings (IGNORED_PARTS)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(tree):
         dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_PARTS and d != ".git")
@@ -283,6 +285,23 @@ def stage_editable(harness: Harness, tree: Path, dest: Path) -> str:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tree / rel, dest / rel)
     return tree_hash(dest, files)
+
+
+# --- the published image ---------------------------------------------------------------------
+def resolve_image(harness: Harness) -> str | None:
+    """The image recorded by the last `lab publish` of `harness` (its image.lock.json, pinned by
+    digest), or None when there is none."""
+    path = harness.root / IMAGE_LOCK
+    if not path.exists():
+        return None
+    try:
+        image = json.loads(path.read_text())["image"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LabError(f"{path} is not an image lock ({exc}); restore it from git or run "
+                       f"`lab publish {harness.name}` again") from None
+    if "@sha256:" not in image:
+        raise LabError(f"{path} names {image}, which is not pinned by digest; run `lab publish` again")
+    return image
 
 
 # --- discovery ------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ twice), and one whose keep was decided but not yet committed is committed.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import signal
@@ -27,7 +26,7 @@ from .errors import LabError, PatchRejected
 from .evaluate import Outcome, run_evaluation
 from .harness import Harness, stage_editable
 from .records import CRASH, FAIL, KEEP, SAME, TIMEOUT, WORSE
-from .store import RunFolder, new_run_id, pace
+from .store import RunFolder, event_status, new_run_id, pace
 from .workspace import Workspace, git, source_repo
 
 CHANGE_PROPOSALS = 3  # proposals that get the instruction of a change of approach
@@ -45,10 +44,6 @@ def _oracle_lines(event: dict, count: int = 6) -> str:
     lines = [str(x) for x in event.get("check_lines") or []]
     bad = [x for x in lines if any(w in x.upper() for w in ("FAIL", "MISMATCH", "ERROR", "NAN"))] or lines
     return ("\n    " + "\n    ".join(x[:300] for x in bad[:count])) if bad else ""
-
-
-STATUS_OF = {KEEP: "keep", SAME: "discard", WORSE: "discard", FAIL: "fail", CRASH: "crash",
-             TIMEOUT: "crash"}
 
 
 @dataclass
@@ -140,7 +135,7 @@ class RunState:
                 status = e["verdict"]["status"]
                 st.verdicts[status] = st.verdicts.get(status, 0) + 1
                 st.evaluation_seconds.append(e.get("seconds", 0.0))
-                if e["status"] == "keep":
+                if event_status(e) == KEEP:
                     st.pending_keep = e
                     st.since_keep = 0
                 else:
@@ -301,7 +296,7 @@ class Lab:
         state = self.state()
         outcome = self._evaluate(f"{label}-{len(self.folder.events())}", "aa", state.delta)
         ev = outcome.evaluation
-        if ev.status or not ev.pairs:
+        if ev.status or not ev.pairs or outcome.verdict.status == FAIL:  # FAIL: e.g. a broken time
             raise LabError(f"the incumbent cannot be measured ({outcome.verdict.status}: "
                            f"{outcome.verdict.reason or ev.reason}); see {outcome.record_path}")
         ratios = stats.log_ratios(ev.pairs)
@@ -383,8 +378,7 @@ class Lab:
         event = self._record_evaluated(number, commit, source_hash, proposal.hypothesis, outcome, verdict,
                                        confirmation, self.workspace.diff_stat(state.base_commit),
                                        time.monotonic() - start)
-        status = event["status"]
-        if status == "keep":
+        if event["status"] == KEEP:
             self._commit_keep(event, state)
         else:
             self.workspace.reset(state.incumbent_commit)
@@ -395,14 +389,13 @@ class Lab:
                           outcome: Outcome, verdict, confirmation: Outcome | None, diffstat: str,
                           seconds: float, **extra) -> dict:
         """Append the `evaluated` event of one experiment (the sequential and the parallel loop)."""
-        status = STATUS_OF.get(verdict.status, "discard")
         ev = outcome.evaluation
         if ev.busy_cpus:
             self.folder.append("note", text=f"#{number}: timing core(s) {ev.busy_cpus} were busy before "
                                "the timing: another process competes with the measurement")
         candidate_seconds = [p.candidate.seconds for p in ev.pairs]
         return self.folder.append(
-            "evaluated", number=number, commit=commit, source_hash=source_hash, status=status,
+            "evaluated", number=number, commit=commit, source_hash=source_hash, status=verdict.status,
             correct=bool(ev.check and ev.check.passed), description=description,
             metric=statistics.median(p.candidate.value for p in ev.pairs) if ev.pairs else None,
             unit_seconds=statistics.median(candidate_seconds) if candidate_seconds else None,
@@ -418,8 +411,8 @@ class Lab:
 
     def _commit_keep(self, event: dict, state: RunState) -> None:
         v = event["verdict"]
-        gain = math.exp(-v["median"])
-        lo, hi = math.exp(-v["ci_high"]), math.exp(-v["ci_low"])
+        gain = stats.speedup(v["median"])
+        lo, hi = stats.speedup_ci(v["ci_low"], v["ci_high"])
         cumulative = state.best_speedup * gain
         message = (f"lab #{event['number']}: {event['description']}\n\n"
                    f"speedup {gain:.4f}x over the incumbent (99% CI {lo:.4f}-{hi:.4f}, "
@@ -602,7 +595,7 @@ class Lab:
         events = self.folder.events()
         failures = [f"#{e['number']} {e['verdict']['status']}: {e.get('description', '')} — "
                     f"{e['verdict'].get('reason') or e.get('reason', '')}"[:600] + _oracle_lines(e)
-                    for e in events if e["type"] == "evaluated" and e["status"] in ("fail", "crash")][-5:]
+                    for e in events if e["type"] == "evaluated" and event_status(e) in (FAIL, CRASH, TIMEOUT)][-5:]
         failures += [f"#{e['number']} rejected: {e['reason']} {e.get('detail', '')}"[:300]
                      for e in events if e["type"] == "rejected"][-3:]
         scratch = self.folder.path / "agent" / "scratch"
@@ -661,7 +654,7 @@ class Lab:
             ratios = stats.log_ratios(ev.pairs)
             if len(ratios):
                 lines.append(f"quick timing, {len(ratios)} pairs (informative, not a verdict): "
-                             f"{math.exp(-float(statistics.median(ratios))):.4f}x the current best")
+                             f"{stats.speedup(float(statistics.median(ratios))):.4f}x the current best")
         seconds = self.clock.now() - start
         self.folder.append("note", kind="draft_check", number=number, proposal=proposal, passed=passed,
                            seeds=seeds, seconds=round(seconds, 2),

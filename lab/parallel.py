@@ -20,7 +20,6 @@ filesystem). A worker that dies mid-evaluation is recorded as `lost` and the eva
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 import os
 import socket
@@ -29,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import stats
 from .agents import Agent, AgentFatal, Proposal
@@ -36,6 +36,7 @@ from .envs import Env
 from .errors import LabError, PatchRejected
 from .evaluate import Outcome, run_evaluation
 from .harness import Harness, stage_editable
+from .locks import try_lock
 from .loop import Interrupts, Lab, RunState
 from .records import CRASH, KEEP, Evaluation, Verdict
 from .system import cpus as cpu_topology
@@ -102,18 +103,14 @@ def gpu_nodes(harness: Harness, gpus: list[int], nvml=None) -> dict[int, int | N
     nodes: dict[int, int | None] = {g: None for g in gpus}
     if not harness.environment.needs_gpu:
         return nodes
-    from .system.telemetry import open_nvml, read
+    from .system.telemetry import numa_node, open_nvml, read
 
     nvml = open_nvml(nvml)
     if nvml is None:
         return nodes
     try:
         for g in gpus:
-            handle = read(nvml, "nvmlDeviceGetHandleByIndex", g)
-            pci = read(nvml, "nvmlDeviceGetPciInfo", handle) if handle is not None else None
-            bus = getattr(pci, "busId", None)
-            if bus is not None:
-                nodes[g] = cpu_topology.gpu_numa_node(bus.decode() if isinstance(bus, bytes) else str(bus))
+            nodes[g] = numa_node(nvml, read(nvml, "nvmlDeviceGetHandleByIndex", g))
     finally:
         read(nvml, "nvmlShutdown")
     return nodes
@@ -207,7 +204,7 @@ class RayExecutor:
 
     def __init__(self, harness: Harness, env_name: str, address: str, max_lost: int = 3):
         self.harness, self.env_name, self.address, self.max_lost = harness, env_name, address, max_lost
-        self._task = None
+        self._task: Any = None
 
     def preflight(self) -> int:
         """Connect; returns how many evaluations the cluster can run at once."""
@@ -277,12 +274,9 @@ class RayExecutor:
 def _worker_slot(count: int):
     """A slot of this node no other task holds (a file lock per slot): (index, open lock file)."""
     for k in range(max(1, count)):
-        f = open(Path(tempfile.gettempdir()) / f"lab-ray-slot-{k}.lock", "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f = try_lock(Path(tempfile.gettempdir()) / f"lab-ray-slot-{k}.lock")
+        if f is not None:
             return k, f
-        except OSError:
-            f.close()
     return 0, None
 
 
@@ -299,7 +293,7 @@ def _ray_evaluate(harness_root: str, env_name: str, req: dict) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     harness = load(harness_root, model=req.get("model"))
     gpu_ids = [int(g) for g in ray.get_gpu_ids()]
-    here = next((n for n in ray.nodes() if n.get("NodeID") == node), {})
+    here: dict = next((n for n in ray.nodes() if n.get("NodeID") == node), {})
     key = "GPU" if harness.environment.needs_gpu else SLOT_RESOURCE
     per_node = int(here.get("Resources", {}).get(key, 1))
     k, lock = _worker_slot(per_node)  # disjoint CPU sets for the tasks that share this node
@@ -354,7 +348,7 @@ class ParallelLab(Lab):
             with self.lock:
                 render()
 
-        self.folder.render = locked_render
+        self.folder.render = locked_render  # type: ignore[method-assign]
         return self
 
     # --- evaluation on a slot ------------------------------------------------------------------

@@ -24,28 +24,13 @@ from . import __version__
 from .envs.docker import connect, repository
 from .errors import LabError
 from .extras import require
-from .harness import Harness, repo_root
+from .git import run as git_run
+from .harness import IMAGE_LOCK, Harness, repo_root, resolve_image  # noqa: F401 (resolve_image: lab.publish's API)
 
-IMAGE_LOCK = "image.lock.json"  # in the harness folder; not part of the harness's lock manifest
 LABEL_VERSION = "org.opencontainers.image.version"
 LABEL_HARNESS_LOCK = "org.lab.harness-lock"
 LABEL_BASE_DIGEST = "org.opencontainers.image.base.digest"
 BUILD_LOG_TAIL = 30
-
-
-def resolve_image(harness: Harness) -> str | None:
-    """The image recorded by the last `publish` of `harness`, or None when there is none."""
-    path = harness.root / IMAGE_LOCK
-    if not path.exists():
-        return None
-    try:
-        image = json.loads(path.read_text())["image"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise LabError(f"{path} is not an image lock ({exc}); restore it from git or run "
-                       f"`lab publish {harness.name}` again") from None
-    if "@sha256:" not in image:
-        raise LabError(f"{path} names {image}, which is not pinned by digest; run `lab publish` again")
-    return image
 
 
 def default_dockerfile(harness: Harness) -> Path:
@@ -57,7 +42,6 @@ def default_dockerfile(harness: Harness) -> Path:
 def publish(harness: Harness, registry: str, *, dockerfile=None, base_image=None, tag=None,
             client=None) -> dict:
     """Build, push, verify and record the image of `harness`; return the image lock written."""
-    docker = require("docker")
     client = client or connect(timeout_s=1800)
     dockerfile = Path(dockerfile) if dockerfile else default_dockerfile(harness)
     if not dockerfile.is_file():
@@ -67,14 +51,44 @@ def publish(harness: Harness, registry: str, *, dockerfile=None, base_image=None
     repo = f"{registry.rstrip('/')}/lab/{harness.name}"
     tag = tag or f"{__version__}-{lock_digest[:12]}"
     base = base_image or dockerfile_default(dockerfile, "BASE_IMAGE")
-    base_digest = image_digest(client, base)
-    buildargs = {
+    buildargs = build_args(harness.name, lock_digest, dockerfile, base, image_digest(client, base))
+    with tempfile.TemporaryDirectory(prefix="lab-context-") as ctx:
+        arch = client.info().get("Architecture") or "x86_64"
+        build_context(Path(ctx), dockerfile, arch)
+        image_id = build(client, ctx, buildargs, image_labels(harness, buildargs))
+    client.api.tag(image_id, repo, tag)
+    reference = f"{repo}@{push(client, repo, tag)}"
+    pull_back(client, reference, f"{repo}:{tag}", {LABEL_VERSION: __version__,
+                                                    LABEL_HARNESS_LOCK: buildargs["HARNESS_LOCK"],
+                                                    LABEL_BASE_DIGEST: buildargs["BASE_DIGEST"]})
+    record = {
+        "image": reference,
+        "tag": f"{repo}:{tag}",
+        "dockerfile": _relative(dockerfile),
+        "base_image": base,
+        "base_digest": buildargs["BASE_DIGEST"],
+        "lab_version": __version__,
+        "harness_lock": lock_digest,
+        "published": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    (harness.root / IMAGE_LOCK).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def build_args(name: str, lock_digest: str, dockerfile: Path, base: str, base_digest: str) -> dict:
+    """The Dockerfile's build arguments: the base pinned by digest, the lab's version, the lock."""
+    return {
         "BASE_IMAGE": base,
         "BASE_DIGEST": base_digest,
         "LAB_VERSION": __version__,
-        "HARNESS_LOCK": f"{harness.name}={lock_digest}",
+        "HARNESS_LOCK": f"{name}={lock_digest}",
         "SOURCE_DATE_EPOCH": source_date_epoch(dockerfile),
     }
+
+
+def image_labels(harness: Harness, buildargs: dict) -> dict:
+    """Labels besides those the Dockerfile sets from the build arguments: the harness, the date
+    (SOURCE_DATE_EPOCH, for a reproducible image) and the lab's commit where there is one."""
     labels = {
         "org.lab.harness": harness.name,
         "org.opencontainers.image.created": datetime.fromtimestamp(
@@ -83,37 +97,19 @@ def publish(harness: Harness, registry: str, *, dockerfile=None, base_image=None
     revision = _git("rev-parse", "HEAD")
     if revision:
         labels["org.opencontainers.image.revision"] = revision
+    return labels
 
-    with tempfile.TemporaryDirectory(prefix="lab-context-") as ctx:
-        arch = client.info().get("Architecture") or "x86_64"
-        build_context(Path(ctx), dockerfile, arch)
-        image_id = build(client, ctx, buildargs, labels)
-    client.api.tag(image_id, repo, tag)
-    digest = push(client, repo, tag)
-    reference = f"{repo}@{digest}"
 
-    # Forget the local name, then take the image back from the registry: what is recorded is
-    # what anyone pulling the digest gets.
-    client.api.remove_image(f"{repo}:{tag}", noprune=True)  # keep the build cache
+def pull_back(client, reference: str, local_tag: str, expected_labels: dict) -> None:
+    """Forget the local name, then take the image back from the registry by digest and verify it:
+    what is recorded is what anyone pulling the digest gets."""
+    docker = require("docker")
+    client.api.remove_image(local_tag, noprune=True)  # keep the build cache
     try:
         pulled = client.images.pull(reference)
     except docker.errors.DockerException as exc:
         raise LabError(f"pushed {reference} but could not pull it back: {exc}") from None
-    verify(client, pulled, reference, {LABEL_VERSION: __version__,
-                                       LABEL_HARNESS_LOCK: buildargs["HARNESS_LOCK"],
-                                       LABEL_BASE_DIGEST: base_digest})
-    record = {
-        "image": reference,
-        "tag": f"{repo}:{tag}",
-        "dockerfile": _relative(dockerfile),
-        "base_image": base,
-        "base_digest": base_digest,
-        "lab_version": __version__,
-        "harness_lock": lock_digest,
-        "published": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    (harness.root / IMAGE_LOCK).write_text(json.dumps(record, indent=1) + "\n")
-    return record
+    verify(client, pulled, reference, expected_labels)
 
 
 # --- the build context ------------------------------------------------------------------------
@@ -265,8 +261,9 @@ def source_date_epoch(dockerfile: Path) -> str:
 
 
 def _git(*args) -> str:
+    """git in the lab's own checkout; "" when that fails (no git, not a checkout)."""
     try:
-        proc = subprocess.run(["git", "-C", str(repo_root()), *args], capture_output=True, text=True)
+        proc = git_run(repo_root(), *args)
     except OSError:
         return ""
     return proc.stdout.strip() if proc.returncode == 0 else ""

@@ -8,6 +8,7 @@ is stamped on every evaluation record and run folder so that an older lab refuse
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 import math
@@ -15,20 +16,58 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-SCHEMA_VERSION = 1
+# 2: an `evaluated` event's status is its Status (KEEP, SAME, ...), no longer keep/discard/fail/crash;
+# a run folder of schema 1 is still read (lab.store.outcome maps the old spellings).
+SCHEMA_VERSION = 2
 
-# Verdicts. KEEP/SAME/WORSE come from the statistics; the others from the oracle and runner.
-KEEP, SAME, WORSE = "KEEP", "SAME", "WORSE"
-FAIL, CRASH, TIMEOUT, REJECTED = "FAIL", "CRASH", "TIMEOUT", "REJECTED"
-PASS = "PASS"  # a check-only evaluation whose oracle passed (no timing, so no speed verdict)
-VERDICTS = (KEEP, SAME, WORSE, FAIL, CRASH, TIMEOUT, REJECTED, PASS)
+try:
+    from enum import StrEnum
+except ImportError:  # Python 3.10
+    class StrEnum(str, enum.Enum):  # type: ignore[no-redef]
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+class Status(StrEnum):
+    """The outcome of one evaluation: the one vocabulary of verdicts, `evaluated` events,
+    results.tsv and every harness's solutions/expected.json. A member is its own name as a str,
+    so it compares equal to, and serialises as, "KEEP", "FAIL", ..."""
+
+    KEEP = "KEEP"  # the whole CI faster by at least delta (a keep after its confirmation run)
+    SAME = "SAME"  # not decided faster or slower by delta
+    WORSE = "WORSE"  # the whole CI slower by at least delta
+    FAIL = "FAIL"  # the build, the oracle, a timed sample's own check or a guard failed
+    CRASH = "CRASH"  # the runner or the device broke (or the incumbent no longer builds)
+    TIMEOUT = "TIMEOUT"  # the evaluation ran past its time limit and was killed
+    REJECTED = "REJECTED"  # the guard refused the patch before anything was built
+    PASS = "PASS"  # a check-only evaluation whose oracle passed (no timing, so no speed verdict)
+
+
+KEEP, SAME, WORSE = Status.KEEP, Status.SAME, Status.WORSE
+FAIL, CRASH, TIMEOUT, REJECTED, PASS = Status.FAIL, Status.CRASH, Status.TIMEOUT, Status.REJECTED, Status.PASS
+VERDICTS = tuple(Status)
+
+
+# --- speedups (also lab.stats.speedup, lab.stats.speedup_ci) ---------------------------------
+def speedup(log_ratio: float | None) -> float | None:
+    """Incumbent time over candidate time for x = log(t_candidate / t_incumbent): 2.0 is twice as
+    fast; None for None."""
+    return None if log_ratio is None else math.exp(-log_ratio)
+
+
+def speedup_ci(ci_low: float | None, ci_high: float | None) -> tuple[float, float] | None:
+    """A CI of x as a CI of the speedup, (low, high): the bounds swap (a lower x is a higher
+    speedup); None when the CI is unknown."""
+    if ci_low is None or ci_high is None:
+        return None
+    return math.exp(-ci_high), math.exp(-ci_low)
 
 
 class Record:
     """Mixin: JSON round trip for dataclasses, recursing into nested records and lists of them."""
 
     def to_dict(self) -> dict:
-        return _clean(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(typing.cast(typing.Any, self)))
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -37,20 +76,21 @@ class Record:
     def from_dict(cls, data: dict):
         hints = typing.get_type_hints(cls)
         kwargs = {}
-        for f in dataclasses.fields(cls):
+        for f in dataclasses.fields(typing.cast(typing.Any, cls)):
             if f.name in data:
                 kwargs[f.name] = _load(hints[f.name], data[f.name])
         return cls(**kwargs)
 
 
-def _clean(value):
-    """NaN and infinities are not JSON: store them as null so every reader can parse the file."""
+def json_safe(value):
+    """`value` with every NaN and infinity replaced by None: they are not JSON, and every record
+    and event must parse in any reader (the one NaN cleaner of the lab)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -161,7 +201,7 @@ class TelemetryBlock(Record):
 
 @dataclass
 class Verdict(Record):
-    status: str  # one of VERDICTS
+    status: str  # a Status
     reason: str = ""
     median: float | None = None  # median per-pair log(t_candidate / t_incumbent)
     ci_low: float | None = None
@@ -174,7 +214,12 @@ class Verdict(Record):
     @property
     def speedup(self) -> float | None:
         """Incumbent time over candidate time (2.0 = twice as fast)."""
-        return None if self.median is None else math.exp(-self.median)
+        return speedup(self.median)
+
+    @property
+    def speedup_ci(self) -> tuple[float, float] | None:
+        """The CI of the speedup, (low, high)."""
+        return speedup_ci(self.ci_low, self.ci_high)
 
 
 @dataclass

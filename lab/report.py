@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from .extras import require
+from .stats import speedup, speedup_ci
 from .store import RunFolder
 
 VERDICT_COLOURS = {"KEEP": "tab:green", "SAME": "tab:gray", "WORSE": "tab:orange",
@@ -25,7 +26,7 @@ UNTIMED_MARKS = {"FAIL": "x", "CRASH": "X", "TIMEOUT": "v"}
 
 def progress_points(events: list[dict]) -> dict:
     """The plot's data: timed experiments, untimed ones, rejections, the best-so-far steps."""
-    timed = {"x": [], "speedup": [], "lo": [], "hi": [], "verdict": []}
+    timed: dict[str, list] = {"x": [], "speedup": [], "lo": [], "hi": [], "verdict": []}
     untimed: list[tuple[int, str]] = []
     rejected: list[int] = []
     best_x, best_y = [0], [1.0]
@@ -39,11 +40,12 @@ def progress_points(events: list[dict]) -> dict:
             if v.get("median") is None:
                 untimed.append((e["number"], status))
                 continue
-            speed = math.exp(-v["median"])
+            speed = speedup(v["median"])
+            low, high = speedup_ci(v.get("ci_low"), v.get("ci_high")) or (speed, speed)
             timed["x"].append(e["number"])
             timed["speedup"].append(speed)
-            timed["lo"].append(math.exp(-v["ci_high"]) if v.get("ci_high") is not None else speed)
-            timed["hi"].append(math.exp(-v["ci_low"]) if v.get("ci_low") is not None else speed)
+            timed["lo"].append(low)
+            timed["hi"].append(high)
             timed["verdict"].append(status)
         elif e["type"] == "rejected":
             rejected.append(e.get("number", 0))
@@ -160,7 +162,7 @@ def _draw_timed(ax, pts: dict, bottom: float, top: float) -> None:
         lo = [max(pts["lo"][i], bottom) for i in inside]
         hi = [min(pts["hi"][i], top) for i in inside]
         if inside:
-            ax.errorbar(xs, ys, yerr=[[y - l for y, l in zip(ys, lo)], [h - y for y, h in zip(ys, hi)]],
+            ax.errorbar(xs, ys, yerr=[[y - low for y, low in zip(ys, lo)], [h - y for y, h in zip(ys, hi)]],
                         fmt="o", color=colour, ecolor=colour, elinewidth=1, alpha=0.9, ms=5, zorder=3,
                         label=f"{status} (99% CI)")
         for i in idx:

@@ -26,64 +26,15 @@ import os
 import random
 import sys
 import time
-import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
-from .errors import CandidateAborted
-from .harness import Harness, load, tree_hash, verify_lock
+from .cache import build_cached, default_cache
+from .errors import CandidateAborted, summary as _summary
+from .harness import Harness, load, verify_lock
 from .records import CRASH, FAIL, Build, Check, CheckItem, Evaluation, Pair, TelemetryBlock, frame
 
 PAIRS_PER_BLOCK = 5  # telemetry granularity: a throttled block drops this many pairs at most
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("LAB_CACHE") or Path.home() / ".cache" / "lab")
-
-
-# --- builds ---------------------------------------------------------------------------------
-def build_cached(harness: Harness, stage: Path, cache: Path) -> Build:
-    """Build a staged tree once per (locked harness, source) pair; reuse it afterwards, re-hashed.
-
-    The entry lives in a verified cache (lab/cache.py): every read re-hashes the artifact and a
-    changed one is evicted, logged and rebuilt, never used. A failed build is not cached."""
-    from .cache import fetch
-
-    files = harness.editable_files(stage)
-    source_hash = tree_hash(stage, files)
-    failed: list[Build] = []
-
-    def make(out: Path) -> dict | None:
-        start = time.monotonic()
-        try:
-            build = harness.build(stage, out)
-        except Exception as exc:  # a harness bug or an unexpected toolchain failure
-            build = Build(ok=False, source_hash=source_hash, error=_summary(exc))
-        build.source_hash = source_hash
-        build.seconds = build.seconds or time.monotonic() - start
-        if not build.ok:
-            failed.append(build)
-            return None
-        meta = build.to_dict()
-        # Stored relative to the entry: the folder is renamed into place once made.
-        meta["artifact"] = Path(build.artifact).resolve().relative_to(out.resolve()).as_posix() if build.artifact else ""
-        return meta
-
-    key = f"{harness.lock_digest()[:12]}-{source_hash[:20]}"
-    entry = fetch(cache / "builds" / harness.name, key, make)
-    if entry is None:
-        return failed[0]
-    build = Build.from_dict(entry.meta)
-    build.artifact = str(entry.path / build.artifact) if build.artifact else ""
-    build.cached = entry.cached
-    if entry.evicted:
-        build.info = {**build.info, "cache_evicted": entry.evicted}
-    return build
-
-
-def _summary(exc: BaseException, limit: int = 2000) -> str:
-    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    return text[-limit:]
 
 
 # --- the paired timing -------------------------------------------------------------------------
@@ -175,14 +126,10 @@ def _timing_cpus(harness: Harness, gpu_index: int) -> tuple[list[int], list[int]
 
     node = None
     if harness.environment.needs_gpu:
-        from .system.telemetry import device_handle, open_nvml, read
+        from .system.telemetry import device_handle, numa_node, open_nvml
 
         nvml = open_nvml()
-        handle = device_handle(nvml, gpu_index) if nvml is not None else None
-        pci = read(nvml, "nvmlDeviceGetPciInfo", handle) if handle is not None else None
-        bus = getattr(pci, "busId", None)
-        if bus is not None:
-            node = cpus.gpu_numa_node(bus.decode() if isinstance(bus, bytes) else str(bus))
+        node = numa_node(nvml, device_handle(nvml, gpu_index)) if nvml is not None else None
     chosen = cpus.choose_timing_cpus(1, node=node)
     busy = cpus.busy_cpus(chosen)
     cpus.pin(chosen)
@@ -214,7 +161,9 @@ def evaluate(args) -> Evaluation:
     record = Evaluation(harness=harness.name, seeds=list(check_seeds) + [timing_seed],
                         work=harness.workload(), nonce=request.get("nonce", ""), mode=args.mode)
     cache = Path(args.cache) if args.cache else default_cache()
-    say = (lambda msg: print(f"[runner] {msg}", file=sys.stderr, flush=True))
+
+    def say(msg: str) -> None:
+        print(f"[runner] {msg}", file=sys.stderr, flush=True)
 
     candidate_stage = Path(args.candidate)
     say(f"building candidate {candidate_stage}")

@@ -1,10 +1,14 @@
 """The decision rule: paired log ratios, a bootstrap CI of their median, KEEP/SAME/WORSE.
 
 Everything here works on per-pair x = log(t_candidate / t_incumbent): negative is faster. The
-protocol (docs: shared/design/measurement.md) keeps a change only when the whole 99% CI of the
-median is faster by at least delta, where delta = max(0.5%, 2 x the A/A noise floor), and sends
-every KEEP to a confirmation run in a fresh process. `verdict_for` is the one place where a
-runner's record becomes a verdict: every guard against a dishonest or broken timing is there.
+protocol (README, "How a run works") keeps a change only when the whole 99% CI of the median is
+faster by at least delta, where delta = max(0.5%, 2 x the A/A noise floor), and sends every KEEP to a
+confirmation run in a fresh process. `verdict_for` is the one place where a runner's record
+becomes a verdict: every guard against a dishonest or broken timing is there. `speedup` and
+`speedup_ci` (defined with the records, whose `median` and CI they read) turn a log ratio and
+its CI into the speedup every report shows.
+
+This module imports nothing of the lab but lab.records (tests/test_imports.py).
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .errors import HarnessContractError
 from .records import CRASH, FAIL, KEEP, SAME, WORSE, Evaluation, Pair, Sample, TelemetryBlock, Verdict
+from .records import speedup, speedup_ci  # noqa: F401 (part of this module's API)
 
 DEFAULT_CONFIDENCE = 0.99
 MIN_DELTA = 0.005  # 0.5 %: below this no GPU timing we have seen is reproducible across processes
@@ -80,7 +84,7 @@ def noise_floor(aa_log_ratios, confidence: float = DEFAULT_CONFIDENCE) -> float:
     """The largest effect an A/A run could show, as a fraction: |median| + CI half-width."""
     x = np.asarray(aa_log_ratios, dtype=float)
     if x.size == 0 or not np.all(np.isfinite(x)):
-        raise HarnessContractError(
+        raise ValueError(
             "the A/A run has no pairs or a time that is zero, negative or not a number: "
             "the harness's `sample` must return finite positive seconds")
     median, lo, hi = median_ci(x, confidence)
@@ -126,9 +130,9 @@ def decide(x, delta: float, *, confidence: float = DEFAULT_CONFIDENCE, min_pairs
     margin = half_width if budget_exhausted and half_width >= delta / 2 else 0.0
     if hi + margin <= math.log(1 - delta):
         verdict.status, verdict.needs_confirmation = KEEP, True
-        speedup = math.exp(-median)
-        if speedup > BIG_GAIN:
-            verdict.reason = (f"speedup {speedup:.2f}x is above {BIG_GAIN}x: review the diff and "
+        gain = speedup(median)
+        if gain > BIG_GAIN:
+            verdict.reason = (f"speedup {gain:.2f}x is above {BIG_GAIN}x: review the diff and "
                               "confirm in a fresh process on fresh seeds")
         else:
             verdict.reason = f"the whole {pct} CI is faster by at least delta; confirm in a fresh process"

@@ -20,18 +20,17 @@ truncates it.
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import json
-import math
 import os
 import secrets
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import RunFolderBusy, RunFolderError
-from .records import KEEP, SCHEMA_VERSION
+from .locks import file_lock, try_lock
+from .records import CRASH, FAIL, KEEP, SAME, SCHEMA_VERSION, Status, json_safe
 from .scrub import scrub
+from .stats import speedup, speedup_ci
 
 RUN_FILE = "run.json"
 EVENTS_FILE = "events.jsonl"
@@ -47,18 +46,6 @@ def now_iso() -> str:
 
 def new_run_id(harness: str) -> str:
     return f"{harness}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
-@contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock on `path` (created, with its folder) across processes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -118,16 +105,15 @@ class RunFolder:
         key = str(self.path.resolve())
         if key in _HELD:
             return
-        f = open(self.path / OWNER_FILE, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
+        f = try_lock(self.path / OWNER_FILE, "a+")
+        if f is None:
+            try:
+                holder = (self.path / OWNER_FILE).read_text().strip() or "another process"
+            except OSError:
+                holder = "another process"
             raise RunFolderBusy(
                 f"{self.path} is in use by {holder}; one process owns a run folder at a time: wait for it "
-                "to finish or stop it, then resume") from None
+                "to finish or stop it, then resume")
         f.seek(0)
         f.truncate()
         f.write(f"process {os.getpid()} ({' '.join(sys.argv[:4])[:200]}, since {now_iso()})\n")
@@ -162,21 +148,16 @@ class RunFolder:
             atomic_write(self.path / RUN_FILE, json.dumps({**self.meta, **changes}, indent=1) + "\n")
 
     # --- events ----------------------------------------------------------------------------
-    @contextmanager
     def locked(self):
-        with open(self.path / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        """Held while a writer appends (no two lab processes interleave half lines)."""
+        return file_lock(self.path / ".lock")
 
     def append(self, type_: str, **payload) -> dict:
         """Append one event durably; returns it with its sequence number and time."""
         with self.locked():
             seq = self._drop_torn_tail_and_count()
             event = {"seq": seq, "time": now_iso(), "type": type_, **payload}
-            line = scrub(json.dumps(_finite(event), separators=(",", ":"))) + "\n"
+            line = scrub(json.dumps(json_safe(event), separators=(",", ":"))) + "\n"
             with open(self.events_path, "a") as f:
                 f.write(line)
                 f.flush()
@@ -193,7 +174,7 @@ class RunFolder:
         return data.count(b"\n")
 
     def events(self) -> list[dict]:
-        out = []
+        out: list[dict] = []
         if not self.events_path.exists():
             return out
         with open(self.events_path) as f:
@@ -224,21 +205,26 @@ class RunFolder:
         atomic_write(self.path / "log.md", log_md(events, meta))
 
 
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 # --- rendering ---------------------------------------------------------------------------------
 RESULT_COLUMNS = (
     "commit", "metric", "unit_seconds", "correctness", "status", "description",
     "speedup", "speedup_ci_low", "speedup_ci_high", "verdict",
 )
+
+
+# How schema 1 spelled an `evaluated` event's status (the verdict beside it held the Status).
+_OLD_STATUS = {"keep": KEEP, "discard": SAME, "fail": FAIL, "crash": CRASH}
+
+
+def event_status(event: dict) -> Status | str:
+    """The Status of an `evaluated` event: its verdict's, which schema 1 events hold too beside
+    their keep/discard/fail/crash (read here, so resuming an older run folder works); "" when the
+    event says none."""
+    status = (event.get("verdict") or {}).get("status") or event.get("status") or ""
+    try:
+        return Status(_OLD_STATUS.get(status, status))
+    except ValueError:
+        return status
 
 
 def experiments(events: list[dict]) -> list[dict]:
@@ -289,17 +275,17 @@ def results_tsv(events: list[dict], meta: dict) -> str:
     lines = ["\t".join(RESULT_COLUMNS)]
     for e in experiments(events):
         v = e.get("verdict", {})
-        speed = lambda log: None if log is None else math.exp(-log)  # noqa: E731
+        low, high = speedup_ci(v.get("ci_low"), v.get("ci_high")) or (None, None)
         lines.append("\t".join([
             (e.get("commit") or "")[:7],
             _fmt(e.get("metric")),
             _fmt(e.get("unit_seconds")),
             "pass" if e.get("correct") else "fail",
-            e.get("status", ""),
+            event_status(e),
             (e.get("description") or "").replace("\t", " ").replace("\n", " ")[:200],
-            _fmt(speed(v.get("median"))),
-            _fmt(speed(v.get("ci_high"))),
-            _fmt(speed(v.get("ci_low"))),
+            _fmt(speedup(v.get("median"))),
+            _fmt(low),
+            _fmt(high),
             v.get("status", ""),
         ]))
     return "\n".join(lines) + "\n"
@@ -319,11 +305,11 @@ def log_md(events: list[dict], meta: dict) -> str:
         if t == "evaluated":
             v = e.get("verdict", {})
             counts[v.get("status", "?")] = counts.get(v.get("status", "?"), 0) + 1
-            sp = v.get("median")
-            gain = "" if sp is None else f" speedup {math.exp(-sp):.4f}x"
-            ci = ""
-            if v.get("ci_low") is not None:
-                ci = f" (99% CI {math.exp(-v['ci_high']):.4f}-{math.exp(-v['ci_low']):.4f}, {v.get('pairs', 0)} pairs)"
+            sp = speedup(v.get("median"))
+            gain = "" if sp is None else f" speedup {sp:.4f}x"
+            ci, band = "", speedup_ci(v.get("ci_low"), v.get("ci_high"))
+            if band:
+                ci = f" (99% CI {band[0]:.4f}-{band[1]:.4f}, {v.get('pairs', 0)} pairs)"
             out.append(f"- {stamp} #{e.get('number', '?')} **{v.get('status', '?')}**{gain}{ci}: "
                        f"{e.get('description', '')}" + (f" — {v['reason']}" if v.get("reason") else ""))
         elif t == "rejected":
@@ -346,11 +332,8 @@ def log_md(events: list[dict], meta: dict) -> str:
     if rate["per_hour"] is not None:
         out.append(f"\n{rate['experiments']} experiments in {rate['seconds']:.0f} s from the first proposal: "
                    f"{rate['per_hour']:.1f} per hour")
-    kept = [e for e in events if e["type"] == "evaluated" and e.get("status") == "keep"]
+    kept = [e for e in events if e["type"] == "evaluated" and event_status(e) == KEEP]
     if kept:
         out.append(f"\nKept: {len(kept)}; best so far: {kept[-1].get('description', '')}")
     return "\n".join(out) + "\n"
 
-
-def is_keep(event: dict) -> bool:
-    return event.get("verdict", {}).get("status") == KEEP

@@ -20,11 +20,11 @@ from __future__ import annotations
 import os
 import re
 import stat
-import subprocess
 import tempfile
 from pathlib import Path, PurePosixPath
 
 from .errors import LabError, PatchRejected
+from .git import git, isolated_env, run
 from .harness import Harness, tree_hash
 from .scrub import scrub
 
@@ -33,22 +33,6 @@ _HEADER = re.compile(r"^(?:--- |\+\+\+ |rename from |rename to |copy from |copy 
 # 160000, executable 100755) or change one: the editable surface is regular files only.
 _MODE = re.compile(r"^(old mode|new mode|new file mode|deleted file mode|index [0-9a-f]+\.\.[0-9a-f]+) (\d+)\s*$")
 REGULAR_MODE = "100644"
-
-
-def git(cwd: Path, *args: str, check: bool = True, input: str | None = None) -> str:
-    """git in `cwd` (a run's worktree, or the repository holding the harness): the user's GIT_DIR,
-    GIT_WORK_TREE, GIT_INDEX_FILE and the like never redirect it elsewhere."""
-    proc = subprocess.run(
-        ["git", *args], cwd=cwd, capture_output=True, text=True, input=input, env=git_env(),
-    )
-    if check and proc.returncode != 0:
-        raise LabError(f"git {' '.join(args[:2])} failed in {cwd}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout
-
-
-def git_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    return {**env, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
 
 
 def patch_paths(patch: str) -> list[str]:
@@ -112,12 +96,6 @@ def guard_patch(patch: str, harness: Harness) -> list[str]:
     return paths
 
 
-def clean_git_env(home: Path) -> dict:
-    """An environment for git that reads no user or system configuration: only what the lab sets."""
-    return {**git_env(), "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_ATTR_NOSYSTEM": "1",
-            "HOME": str(home), "XDG_CONFIG_HOME": str(home)}
-
-
 def apply_patch(patch: str, tree: Path, harness: Harness) -> list[str]:
     """Apply `patch` (relative to the harness folder) to the editable files under `tree`; returns
     the paths it changed. The one way the lab applies a candidate (see the module's docstring).
@@ -154,7 +132,7 @@ def _patched(patch: str, tree: Path, harness: Harness) -> tuple[list[str], dict,
         scratch, home, template = Path(tmp) / "tree", Path(tmp) / "home", Path(tmp) / "template"
         for d in (scratch, home, template):
             d.mkdir()
-        env = {**clean_git_env(home), "GIT_DIR": str(scratch / ".git"), "GIT_WORK_TREE": str(scratch)}
+        env = {**isolated_env(home), "GIT_DIR": str(scratch / ".git"), "GIT_WORK_TREE": str(scratch)}
         before: dict[str, bytes | None] = {}
         modes: dict[str, int] = {}
         for rel in paths:
@@ -172,11 +150,9 @@ def _patched(patch: str, tree: Path, harness: Harness) -> tuple[list[str], dict,
                 before[rel] = None
         patch_file = Path(tmp) / "candidate.patch"
         patch_file.write_text(patch if patch.endswith("\n") else patch + "\n")
-        base = ["git", "-c", "core.attributesFile=" + os.devnull, "-c", "core.hooksPath=" + os.devnull]
-        subprocess.run([*base, "init", "-q", f"--template={template}"], cwd=scratch, env=env,
-                       capture_output=True, check=True)
-        applied = subprocess.run([*base, "apply", "--whitespace=nowarn", str(patch_file)], cwd=scratch, env=env,
-                                 capture_output=True, text=True)
+        base = ["-c", "core.attributesFile=" + os.devnull, "-c", "core.hooksPath=" + os.devnull]
+        git(scratch, *base, "init", "-q", f"--template={template}", environment=env)
+        applied = run(scratch, *base, "apply", "--whitespace=nowarn", str(patch_file), environment=env)
         if applied.returncode != 0:
             first = (applied.stderr.strip() or applied.stdout.strip()).splitlines()
             raise PatchRejected("does not apply", first[0] if first else f"git apply exited {applied.returncode}")
@@ -284,8 +260,7 @@ def source_repo(harness: Harness) -> tuple[Path, str]:
     """(repository root, source tree relative to it) for the repository holding the harness's
     source tree (see Harness.source_tree)."""
     tree = harness.source_tree().resolve()
-    proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=tree, capture_output=True, text=True,
-                          env=git_env())
+    proc = run(tree, "rev-parse", "--show-toplevel")
     if proc.returncode != 0:
         raise LabError(
             f"{tree} is not inside a git repository; a run needs one for its "

@@ -361,7 +361,7 @@ def test_the_brief_of_a_long_run_stays_bounded(ctx):
     from lab.agents.tools import run_brief
 
     rows = ["commit\tmetric\tunit_seconds\tcorrectness\tstatus\tdescription"]
-    rows += [f"c{i:06d}\t1\t1\tpass\t{'keep' if i == 3 else 'discard'}\tidea {i}" for i in range(300)]
+    rows += [f"c{i:06d}\t1\t1\tpass\t{'KEEP' if i == 3 else 'SAME'}\tidea {i}" for i in range(300)]
     ctx.results_tsv = "\n".join(rows) + "\n"
     ctx.log_md = "- a line of the log\n" * 5000
     ctx.seconds_left, ctx.usd_left, ctx.spent_usd = 5400, 42.5, 57.5

@@ -25,6 +25,7 @@ from lab.harness import load
 from lab.workspace import guard_patch
 
 from conftest import git
+from solutions import expected
 
 HARNESS = Path(__file__).resolve().parent.parent / "harnesses" / "llamacpp"
 SOLUTIONS = HARNESS / "solutions"
@@ -284,10 +285,8 @@ def test_editable_surface(lc):
 
 def test_solutions_are_listed_and_the_guard_sorts_them(lc):
     h = lc["harness"]
-    expected = json.loads((SOLUTIONS / "expected.json").read_text())
-    on_disk = sorted(p.relative_to(SOLUTIONS).as_posix() for p in SOLUTIONS.rglob("*.patch"))
-    assert sorted(expected) == on_disk
-    for rel, verdict in expected.items():
+    for rel, case in expected(HARNESS).items():  # every shipped patch (tests/solutions.py)
+        verdict = case.status
         patch = (SOLUTIONS / rel).read_text()
         if verdict == "REJECTED":
             with pytest.raises(PatchRejected, match="outside the editable surface"):
@@ -394,6 +393,27 @@ def test_clone_tree_takes_the_pinned_commit_and_checks_its_tree(lc, tmp_path):
         s.clone_tree(str(tmp_path / "nowhere"), commit, tree, tmp_path / "none")
     with pytest.raises(EnvironmentUnavailable, match="does not answer"):  # port 9 (discard): nothing listens
         s.clone_tree("http://127.0.0.1:9/llama.cpp", commit, tree, tmp_path / "net")
+
+
+def test_the_pinned_tree_is_read_from_git_objects_whatever_is_checked_out(lc, tmp_path, monkeypatch):
+    """export_pristine and pristine_file take the pinned tree's bytes by its hash (lab.sdk's git):
+    a later commit or a dirty checkout changes nothing they give; a missing tree is a clear error."""
+    s = lc["source"]
+    up, commit, tree = _upstream(tmp_path)
+    monkeypatch.setattr(s, "TREE_HASH", tree)
+    (up / "ggml" / "a.c").write_text("int changed;\n")
+    (up / "ggml" / "b.c").write_text("int b;\n")
+    git(up, "add", "-A")
+    git(up, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "two")
+    (up / "ggml" / "a.c").write_text("int dirty;\n")
+    s.export_pristine(up, tmp_path / "out", ("ggml",))
+    assert sorted(p.name for p in (tmp_path / "out" / "ggml").iterdir()) == ["a.c"]
+    assert (tmp_path / "out" / "ggml" / "a.c").read_text() == "int a;\n"
+    assert s.pristine_file(up, "ggml/a.c") == b"int a;\n"
+    assert s.pristine_blobs(up, ("ggml",)) == {"ggml/a.c": s.blob_hash(tmp_path / "out" / "ggml" / "a.c")}
+    monkeypatch.setattr(s, "TREE_HASH", "1" * 40)
+    with pytest.raises(EnvironmentUnavailable, match="git archive .*failed .*not a tree"):
+        s.export_pristine(up, tmp_path / "none")
 
 
 @pytest.mark.parametrize("how", ["auto", "git", "sdist"])

@@ -15,11 +15,9 @@ reason where no engine runs).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import uuid

@@ -119,3 +119,24 @@ def test_the_lock_dies_with_its_process(tmp_path):
         os.kill(holder.pid, signal.SIGKILL)  # no cleanup of its own: the kernel drops the lock
         holder.wait(10)
     folder.hold()
+
+
+@pytest.mark.parametrize("schema", [1, 2])
+def test_the_state_of_a_schema_1_run_reads_as_the_same_as_today(schema):
+    """Schema 1 spelled an evaluated event's status keep/discard/fail/crash; a resumed old run
+    rebuilds the same state (a keep still to commit, the failure streak) as one written today."""
+    from lab.loop import RunState
+
+    spelled = {1: {"KEEP": "keep", "SAME": "discard", "FAIL": "fail", "TIMEOUT": "crash"},
+               2: {s: s for s in ("KEEP", "SAME", "FAIL", "TIMEOUT")}}[schema]
+    events = []
+    for number, verdict in enumerate(["SAME", "FAIL", "TIMEOUT", "KEEP"], start=1):
+        events += [{"seq": len(events), "type": "proposed", "number": number},
+                   {"seq": len(events) + 1, "type": "evaluated", "number": number, "status": spelled[verdict],
+                    "verdict": {"status": verdict}, "seconds": 1.0}]
+    state = RunState.from_events(events, {"base_commit": "0" * 40})
+    assert state.pending_keep is not None and state.pending_keep["number"] == 4
+    assert state.verdicts == {"SAME": 1, "FAIL": 1, "TIMEOUT": 1, "KEEP": 1}
+    assert state.consecutive_failures == 0 and state.since_keep == 0
+    state = RunState.from_events(events[:-2], {"base_commit": "0" * 40})
+    assert state.pending_keep is None and state.consecutive_failures == 2 and state.since_keep == 3

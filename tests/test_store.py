@@ -63,6 +63,7 @@ def test_not_a_run_folder(tmp_path):
 
 def test_views_rebuilt_from_events(tmp_path):
     folder = _make(tmp_path)
+    # spelled as schema 1 wrote it (status "keep"): rendered in the one vocabulary (Status)
     folder.append("evaluated", number=1, commit="abcdef123456", status="keep", correct=True,
                   description="unroll by 2", metric=120.0, unit_seconds=0.5,
                   verdict={"status": "KEEP", "median": -0.1, "ci_low": -0.12, "ci_high": -0.08, "pairs": 20,
@@ -72,7 +73,7 @@ def test_views_rebuilt_from_events(tmp_path):
     rows = (folder.path / "results.tsv").read_text().splitlines()
     assert rows[0].split("\t")[:6] == ["commit", "metric", "unit_seconds", "correctness", "status", "description"]
     cells = rows[1].split("\t")
-    assert cells[0] == "abcdef1" and cells[3] == "pass" and cells[4] == "keep" and cells[9] == "KEEP"
+    assert cells[0] == "abcdef1" and cells[3] == "pass" and cells[4] == "KEEP" and cells[9] == "KEEP"
     assert float(cells[6]) == pytest.approx(1.105, abs=1e-3)
     log = (folder.path / "log.md").read_text()
     assert "KEEP" in log and "rejected: outside the editable surface" in log
@@ -91,3 +92,17 @@ def test_pace_counts_experiments_per_hour_from_the_first_proposal():
     assert pace(events[:2])["per_hour"] is None
     log = log_md(events, {})
     assert "120.0 per hour" in log and "the worker died" in log
+
+
+@pytest.mark.parametrize("old, verdict, status", [
+    ("keep", "KEEP", "KEEP"), ("discard", "SAME", "SAME"), ("discard", "WORSE", "WORSE"),
+    ("fail", "FAIL", "FAIL"), ("crash", "CRASH", "CRASH"), ("crash", "TIMEOUT", "TIMEOUT"),
+    ("discard", None, "SAME"), ("KEEP", "KEEP", "KEEP"),
+])
+def test_event_status_reads_the_old_spellings(old, verdict, status):
+    """Schema 1 wrote keep/discard/fail/crash beside the verdict; a resumed old run reads as Status."""
+    from lab.records import Status
+    from lab.store import event_status
+
+    event = {"type": "evaluated", "status": old, "verdict": {"status": verdict} if verdict else {}}
+    assert event_status(event) == status and isinstance(event_status(event), Status)

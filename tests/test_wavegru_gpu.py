@@ -4,7 +4,6 @@ solution patch, each verdict asserted."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -17,11 +16,12 @@ from lab.envs import get
 from lab.evaluate import run_evaluation
 from lab.harness import load
 
+from solutions import expected
+
 HARNESS = Path(__file__).resolve().parent.parent / "harnesses" / "wavegru"
-EXPECTED = json.loads((HARNESS / "solutions" / "expected.json").read_text())
+EXPECTED = expected(HARNESS)  # solutions/expected.json: each patch's verdict against the baseline
+BUILD_LIMIT = "build limit"  # the reason of a build ended at the harness's limit (its own test below)
 TIMEOUT_S = 240
-# expected.json's words -> the lab's verdict for a candidate timed against the baseline
-VERDICT = {"pass": "KEEP", "FAIL": "FAIL", "CRASH": "CRASH", "TIMEOUT": "TIMEOUT"}
 # What must have caught each cheat of issue 15 (a word of the verdict's reason): the right
 # guard, not merely some failure.
 CAUGHT_BY = {
@@ -79,7 +79,8 @@ def test_baseline_against_itself_is_not_keep(wavegru, tmp_path):
     assert out.evaluation.candidate_build.info.get("registers"), "ptxas report parsed"
 
 
-@pytest.mark.parametrize("name", sorted(n for n, v in EXPECTED.items() if v in VERDICT and v != "TIMEOUT"))
+@pytest.mark.parametrize("name", sorted(n for n, v in EXPECTED.items()
+                                        if v.status != "TIMEOUT" and v.reason != BUILD_LIMIT))
 def test_solution_verdict(wavegru, name, tmp_path):
     tree = patched(HARNESS / "solutions" / name, tmp_path)
     out = run_evaluation(wavegru, tree, tmp_path / "w", env=get("native"), incumbent_tree=HARNESS,
@@ -88,8 +89,9 @@ def test_solution_verdict(wavegru, name, tmp_path):
     print(f"{name}: {out.verdict.status} {out.verdict.reason[:300]} | evaluation {ev.seconds:.1f} s, "
           f"build {getattr(ev.candidate_build, 'seconds', 0):.1f} s, oracle {getattr(ev.check, 'seconds', 0) or 0:.1f} s, "
           f"{len(ev.pairs)} pairs")
-    assert out.verdict.status == VERDICT[EXPECTED[name]], (out.verdict, out.evaluation.reason, out.stderr_tail)
+    assert out.verdict.status == EXPECTED[name].status, (out.verdict, out.evaluation.reason, out.stderr_tail)
     reason = f"{out.verdict.reason} {out.evaluation.reason}"
+    assert EXPECTED[name].reason in reason, reason
     if name in CAUGHT_BY:
         assert CAUGHT_BY[name] in reason, reason
     if name == "wrong/include_outside.patch":  # one line, quoting nothing of the file
@@ -99,7 +101,7 @@ def test_solution_verdict(wavegru, name, tmp_path):
 
 def test_never_ending_compile_is_ended_with_its_tree(wavegru, tmp_path):
     """A build past the limit: nvcc's whole tree ended, the verdict within 10 s of the limit."""
-    names = [n for n, v in EXPECTED.items() if v == "BUILD_LIMIT"]
+    names = [n for n, v in EXPECTED.items() if v.reason == BUILD_LIMIT]
     assert names
     for name in names:
         (tmp_path / name.replace("/", "_")).mkdir()
@@ -142,7 +144,7 @@ def test_cubin_is_the_same_in_any_folder(wavegru, tmp_path):
 
 def test_gpu_usable_after_hang(wavegru, tmp_path):
     """A hang is killed with its process; the next evaluation on the same GPU passes."""
-    hangs = sorted(n for n, v in EXPECTED.items() if v == "TIMEOUT")
+    hangs = sorted(n for n, v in EXPECTED.items() if v.status == "TIMEOUT")
     assert hangs, "solutions/expected.json names no hanging kernel"
     for name in hangs:
         (tmp_path / name.replace("/", "_")).mkdir()

@@ -32,10 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab import Build, Check, CheckItem, Harness, Metric, Sample
-from lab import sandbox
-from lab.errors import LabError
-from lab.harness import sha256_file
+from lab.sdk import Build, Check, CheckItem, Harness, LabError, Metric, Sample, sandbox, sha256_file
 
 N = 1 << 18  # doubles per call, unless a "model" file (--model) names another length
 MAX_N = 1 << 22

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab import Sample, sandbox
+from lab.sdk import Sample, sandbox
 
 N_GEN = 128
 N_PROMPT = 0

@@ -19,10 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab import Build, sandbox
-from lab.errors import EnvironmentUnavailable
-from lab.harness import sha256_file, tree_hash
-from lab.store import file_lock
+from lab.sdk import Build, EnvironmentUnavailable, file_lock, sandbox, sha256_file, tree_hash
 
 from . import source
 
@@ -199,7 +196,7 @@ def _sanitize(text: str, workdir: Path) -> str:
 def _errors(log: str) -> str:
     """The compiler's error lines (with a little context), else the log's tail."""
     lines = log.splitlines()
-    keep = [i for i, l in enumerate(lines) if re.search(r"\berror\b|FAILED:|undefined reference", l)]
+    keep = [i for i, line in enumerate(lines) if re.search(r"\berror\b|FAILED:|undefined reference", line)]
     if not keep:
         return "\n".join(lines[-ERROR_LINES:])
     picked = sorted({j for i in keep for j in range(i, min(i + 3, len(lines)))})
@@ -262,5 +259,5 @@ def build(staged: Path, out: Path, *, home: Path, flavor: Flavor, is_editable, r
             "ccache": shutil.which("ccache") is not None, "source_origin": source.origin(home),
             "tools": {t: sha256_file(bindir / t) for t in flavor.tools}}
     return Build(ok=True, source_hash="", artifact=str(bindir), artifact_sha256=tree_hash(bindir, list(flavor.tools)),
-                 report="\n".join(l for l in text.splitlines() if "warning" in l)[-4000:],
+                 report="\n".join(line for line in text.splitlines() if "warning" in line)[-4000:],
                  seconds=time.monotonic() - started, info=info)

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab import sandbox
+from lab.sdk import sandbox
 
 DRIVER = "lab-llama-driver"
 N_GEN = 64

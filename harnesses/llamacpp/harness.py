@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from lab import Build, Check, CheckItem, Environment, Harness, Metric, Sample
-from lab.errors import EnvironmentUnavailable
+from lab.sdk import (Build, Check, CheckItem, Environment, EnvironmentUnavailable, Harness, Metric, Sample,
+                     build_cached, default_cache)
 
 from . import bench, build as builder, driver, model as models, oracle, source
 from .profile import cpu_digest, cuda_digest
@@ -86,8 +86,6 @@ class LlamaCpp(Harness):
     # --- where things live ---------------------------------------------------------------------
     @property
     def home(self) -> Path:
-        from lab.runner import default_cache
-
         return default_cache() / "llamacpp"
 
     @cached_property
@@ -139,8 +137,6 @@ class LlamaCpp(Harness):
 
     def baseline(self) -> Build:
         """The pristine tree's build (the oracle's reference), through the lab's build cache."""
-        from lab.runner import build_cached, default_cache
-
         stage = self.home / "pristine-stage" / source.TREE_HASH[:16]
         if not stage.exists():
             tmp = stage.with_name(stage.name + f".{os.getpid()}.tmp")
@@ -270,7 +266,7 @@ def _machine() -> str:
     text = platform.machine()
     try:
         info = Path("/proc/cpuinfo").read_text()
-        text += "".join(l for l in info.splitlines(True) if l.startswith(("model name", "flags")))[:4000]
+        text += "".join(line for line in info.splitlines(True) if line.startswith(("model name", "flags")))[:4000]
     except OSError:
         text += platform.processor()
     if shutil.which("nvidia-smi"):

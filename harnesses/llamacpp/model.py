@@ -8,12 +8,11 @@ is recorded with every build, check and reference, so results of different model
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from lab.errors import EnvironmentUnavailable
+from lab.sdk import EnvironmentUnavailable
 
 from . import gguf
 
@@ -81,7 +80,7 @@ def default_model(home: Path) -> Path:
     that mounts the cache needs no package: `resolve` checks the pinned sha256 either way). The
     entry is a verified one (lab.cache): re-hashed at each process's first read, and a changed
     file is evicted, logged and assembled again, never used."""
-    from lab.cache import fetch
+    from lab.sdk import fetch
 
     def make(out: Path) -> dict:
         try:

@@ -30,7 +30,6 @@ import math
 import os
 import random
 import re
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab import Check, CheckItem, Sample, sandbox
+from lab.sdk import Check, CheckItem, Sample, sandbox
 
 from . import driver, gguf
 

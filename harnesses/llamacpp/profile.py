@@ -102,10 +102,10 @@ def gpu_busy(bindir: Path, model: Path, gpu_index: int = 0) -> str:
     kernel ran; it is read every 20 ms while llama-bench generates IDLE_N_GEN tokens IDLE_REPS
     times, and only readings inside the generation (the last sum(samples_ns) before the process
     ended, less its first 0.2 s) are averaged. Coarse, but it needs no profiler."""
-    from lab.system.telemetry import device_handle, open_nvml, read
+    from lab.sdk import telemetry
 
-    nvml = open_nvml()
-    handle = device_handle(nvml, gpu_index) if nvml is not None else None
+    nvml = telemetry.open_nvml()
+    handle = telemetry.device_handle(nvml, gpu_index) if nvml is not None else None
     if handle is None:
         return "GPU idle between kernels: no NVML here"
     sb = driver.box(bindir, model, gpu=True)
@@ -116,7 +116,7 @@ def gpu_busy(bindir: Path, model: Path, gpu_index: int = 0) -> str:
 
     def poll():
         while not done.is_set():
-            rates = read(nvml, "nvmlDeviceGetUtilizationRates", handle)
+            rates = telemetry.read(nvml, "nvmlDeviceGetUtilizationRates", handle)
             if rates is not None:
                 readings.append((time.monotonic(), float(rates.gpu)))
             time.sleep(NVML_POLL_S)
@@ -157,7 +157,7 @@ def cuda_digest(bindir: Path, model: Path) -> str:
         if proc.timed_out:
             out.append(f"{op}: test-backend-ops perf ran past {PERF_OP_TIMEOUT_S:.0f} s; left out")
             continue
-        rows = [l.strip() for l in proc.stdout.splitlines() if "us/run" in l]
+        rows = [line.strip() for line in proc.stdout.splitlines() if "us/run" in line]
         out.append(f"{op}: " + (f"{len(rows)} shapes" if rows else "no rows"))
         out += [f"  {r}" for r in rows[:8]]
     return "profile: CUDA0, NVML utilization and test-backend-ops perf (GPU time per op and shape)\n" + "\n".join(out)

@@ -47,7 +47,7 @@ fi
 if [[ "${1:-}" == "--prepare" ]]; then
     "$PYTHON" - "$here" <<'EOF'
 import sys
-from lab.harness import load
+from lab.sdk import load
 h = load(sys.argv[1])
 h.preflight()  # fetches and verifies the pinned source, assembles and verifies the model
 print(f"llamacpp setup: source {h.source_tree()}, model {h.model().path}")

@@ -15,6 +15,7 @@ could have edited. Which way a tree came is written beside it (`<commit>.origin.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ import tempfile
 import urllib.parse
 from pathlib import Path
 
-from lab.errors import EnvironmentUnavailable
+from lab.sdk import EnvironmentUnavailable, git, git_env, git_run, sha256_file
 
 COMMIT = "0c1e57098"  # llama.cpp, 2026-10-01, as vendored by llama-cpp-python 0.3.36
 UPSTREAM_URL = "https://github.com/ggml-org/llama.cpp"
@@ -43,21 +44,14 @@ TREE_HASH = "b2da53584951ec8aa40680229509a6646a637560"
 # A fixed identity and date make the repository's commit the same on every machine.
 _GIT_ENV = {"GIT_AUTHOR_NAME": "lab", "GIT_AUTHOR_EMAIL": "lab@localhost",
             "GIT_COMMITTER_NAME": "lab", "GIT_COMMITTER_EMAIL": "lab@localhost",
-            "GIT_AUTHOR_DATE": "2026-10-01T00:00:00Z", "GIT_COMMITTER_DATE": "2026-10-01T00:00:00Z",
-            "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+            "GIT_AUTHOR_DATE": "2026-10-01T00:00:00Z", "GIT_COMMITTER_DATE": "2026-10-01T00:00:00Z"}
 
 
-def _git(cwd: Path, *args: str, stdout=subprocess.PIPE) -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, stdout=stdout, stderr=subprocess.PIPE,
-                          env={**os.environ, **_GIT_ENV})
-    if proc.returncode != 0:
-        raise EnvironmentUnavailable(f"git {' '.join(args[:2])} failed in {cwd}: {proc.stderr.decode().strip()}")
-    return proc.stdout.decode() if stdout == subprocess.PIPE else ""
+def _git(cwd: Path, *args: str, text: bool = True):
+    return git(cwd, *args, text=text, environment=git_env(_GIT_ENV), error=EnvironmentUnavailable)
 
 
 def sha256_of(path: Path) -> str:
-    from lab.harness import sha256_file
-
     return sha256_file(path)
 
 
@@ -89,9 +83,8 @@ def clone_tree(url: str, rev: str, tree_hash: str, dest: Path) -> None:
     the project's whole history."""
     _reachable(url)
     try:
-        proc = subprocess.run(["git", "clone", "-q", "--filter=blob:none", "--no-checkout", url, str(dest)],
-                              capture_output=True, text=True, timeout=CLONE_TIMEOUT_S,
-                              env={**os.environ, **_GIT_ENV})
+        proc = git_run(dest.parent, "clone", "-q", "--filter=blob:none", "--no-checkout", url, str(dest),
+                       environment=git_env(_GIT_ENV), timeout=CLONE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise EnvironmentUnavailable(f"git clone {url} did not finish within {CLONE_TIMEOUT_S} s") from None
     if proc.returncode != 0:
@@ -175,8 +168,7 @@ def origin(home: Path) -> str:
 
 
 def _has_tree(repo: Path) -> bool:
-    return subprocess.run(["git", "cat-file", "-e", TREE_HASH + "^{tree}"], cwd=repo,
-                          capture_output=True).returncode == 0
+    return git_run(repo, "cat-file", "-e", TREE_HASH + "^{tree}").returncode == 0
 
 
 def export_pristine(repo: Path, dest: Path, paths: tuple[str, ...] = ()) -> None:
@@ -184,13 +176,9 @@ def export_pristine(repo: Path, dest: Path, paths: tuple[str, ...] = ()) -> None
     the pinned tree hash: whatever a checkout or a branch of the repository holds now, these are
     the pinned bytes."""
     dest.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.Popen(["git", "archive", "--format=tar", TREE_HASH, "--", *paths], cwd=repo,
-                               stdout=subprocess.PIPE,
-                               env={**os.environ, **_GIT_ENV})
-    with tarfile.open(fileobj=archive.stdout, mode="r|") as tar:
+    archive = _git(repo, "archive", "--format=tar", TREE_HASH, "--", *paths, text=False)
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as tar:
         tar.extractall(dest, filter="tar")
-    if archive.wait() != 0:
-        raise EnvironmentUnavailable(f"git archive failed in {repo}")
 
 
 def pristine_blobs(repo: Path, paths: tuple[str, ...]) -> dict[str, str]:
@@ -212,8 +200,4 @@ def blob_hash(path: Path) -> str:
 
 def pristine_file(repo: Path, rel: str) -> bytes:
     """The pinned tree's bytes of one file."""
-    proc = subprocess.run(["git", "cat-file", "-p", f"{TREE_HASH}:{rel}"], cwd=repo, capture_output=True,
-                          env={**os.environ, **_GIT_ENV})
-    if proc.returncode != 0:
-        raise EnvironmentUnavailable(f"git cat-file {rel} failed in {repo}: {proc.stderr.decode().strip()}")
-    return proc.stdout
+    return _git(repo, "cat-file", "-p", f"{TREE_HASH}:{rel}", text=False)

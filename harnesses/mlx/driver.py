@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab import sandbox
+from lab.sdk import sandbox
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "worker.py"

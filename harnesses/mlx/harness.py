@@ -26,10 +26,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab import Build, Check, CheckItem, Environment, Harness, Metric, Sample
-from lab.errors import MissingExtra
-from lab.extras import require
-from lab.harness import sha256_file
+from lab.sdk import (Build, Check, CheckItem, Environment, Harness, Metric, MissingExtra, Sample, default_cache,
+                     require, sha256_file)
 
 from . import driver, oracle
 from . import model as models
@@ -41,8 +39,6 @@ WARMUP_SEED = 1
 
 
 def _cache() -> Path:
-    from lab.runner import default_cache
-
     return default_cache()
 
 

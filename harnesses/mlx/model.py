@@ -27,9 +27,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from lab.errors import EnvironmentUnavailable
-from lab.harness import sha256_file
-from lab.store import file_lock
+from lab.sdk import EnvironmentUnavailable, file_lock, sha256_file
 
 DEFAULT_REPO = "mlx-community/Qwen2.5-0.5B-Instruct-4bit"
 TINY = "tiny"

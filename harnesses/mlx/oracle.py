@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab import Check, CheckItem
+from lab.sdk import Check, CheckItem
 
 from . import driver, spec
 from .driver import Worker, WorkerError
@@ -118,7 +118,7 @@ def reference(folder: Path, reference_worker, corpus: list[int]) -> Reference:
     `reference_worker()` (a ready Worker running reference.py) the first time. The entry is a
     verified one (lab.cache): re-hashed on every read, and a changed file is evicted, logged and
     computed again, never used."""
-    from lab.cache import fetch
+    from lab.sdk import fetch
 
     def make(out: Path) -> dict:
         ref = compute_reference(reference_worker(), corpus)

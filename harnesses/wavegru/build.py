@@ -19,7 +19,6 @@ the files' modification times, which the stage sets to one fixed value); with
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
@@ -29,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab import sandbox
+from lab.sdk import file_lock, sandbox
 
 STAGE_INSIDE = "/stage"
 SOURCES = ("kernel.cu", "wavegru.h")
@@ -123,8 +122,7 @@ def private_stage():
     if sandbox.mode() == "off":
         base = Path(f"/tmp/lab-wavegru-build-{os.getuid()}")
         base.mkdir(mode=0o700, exist_ok=True)
-        with open(base / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with file_lock(base / ".lock"):
             for sub in ("stage", "scratch"):
                 shutil.rmtree(base / sub, ignore_errors=True)
                 (base / sub).mkdir()

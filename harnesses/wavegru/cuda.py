@@ -12,7 +12,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from lab.errors import CandidateAborted, EnvironmentUnavailable, LabError
+from lab.sdk import CandidateAborted, EnvironmentUnavailable, LabError
 
 CUDA_SUCCESS = 0
 CUDA_ERROR_NOT_READY = 600

@@ -35,7 +35,7 @@ class Outputs:
 
 
 def _torch():
-    from lab.extras import require
+    from lab.sdk import require
 
     return require("torch")
 

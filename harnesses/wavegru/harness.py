@@ -3,7 +3,7 @@
 The agent edits kernel.cu only. This file, the header and every other file of the folder are
 locked: the harness compiles the kernel with its own flags, loads the cubin through the CUDA
 driver, reads the exported launch configuration, owns every buffer, the stream and the events,
-and checks every output. Spec: design/wavegru.md; the agent's manual: program.md.
+and checks every output. The spec and the agent's manual: program.md.
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ import hashlib
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lab import Build, Check, CheckItem, Environment, Harness, Metric, Sample  # noqa: F401
-from lab import sandbox
-from lab.errors import EnvironmentUnavailable
+from lab.sdk import Build, Check, Environment, EnvironmentUnavailable, Harness, Metric, Sample, sandbox
 
 from . import oracle
 from .build import sealed_nvcc

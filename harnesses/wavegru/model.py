@@ -1,4 +1,4 @@
-"""The PyTorch reference of the WaveGRU step (spec: design/wavegru.md), any B >= 1, CPU or CUDA.
+"""The PyTorch reference of the WaveGRU step (spec: program.md, "What the kernel computes"), any B >= 1, CPU or CUDA.
 
 Explicit matmuls (no nn.GRU), TF32 off, fp32 by default and fp64 for calibration. Generate mode
 feeds each step's sampled token back; teacher mode feeds given tokens back and reports the
@@ -44,7 +44,7 @@ class Result:
 
 
 def _torch():
-    from lab.extras import require
+    from lab.sdk import require
 
     return require("torch")
 

@@ -1,4 +1,4 @@
-"""The oracle (spec: design/wavegru.md): generate parity, teacher-forced probabilities and final
+"""The oracle (spec: program.md, "Correctness"): generate parity, teacher-forced probabilities and final
 states, and the guards. The comparison functions work on plain arrays (tested on the CPU); the
 `run` function drives the reference and the kernel on the GPU.
 
@@ -308,8 +308,7 @@ def run(cubin: bytes, seeds: list[int], deadline_s: float = 30.0):
     set). Each in generate mode (tokens exact, p and final states against the reference) and
     teacher mode (p and final states), each phase in a freshly loaded module, every launch
     through the same Launcher as timing (guards, read-only inputs, scrubbing)."""
-    from lab import Check, CheckItem
-    from lab.extras import require
+    from lab.sdk import Check, CheckItem, require
 
     from . import device as dev
     from .cuda import Module

@@ -70,7 +70,7 @@ def gumbel_torch(seed: int, T: int, B: int, V: int = 256, device="cuda"):
     16k steps of noise on the host would dominate the evaluation). Philox is integer-exact; the
     float64 logarithms agree with numpy's to the last fp32 bit except in astronomically rare
     cases, and the kernel and the reference always receive the same tensor either way."""
-    from lab.extras import require
+    from lab.sdk import require
 
     torch = require("torch")
     Q = V // 4

@@ -13,7 +13,7 @@ from pathlib import Path
 DRIVER = """
 import sys
 from pathlib import Path
-from lab.harness import load
+from lab.sdk import load
 h = load(sys.argv[1])
 from importlib import import_module
 pkg = type(h).__module__.rsplit('.', 1)[0]

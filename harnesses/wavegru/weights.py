@@ -60,7 +60,3 @@ def make_weights(seed: int) -> dict[str, np.ndarray]:
             w = (rng.random(shape, dtype=np.float32) * 2.0 - 1.0) * np.float32(bound)
         out[name] = round_to_bf16(w)
     return out
-
-
-def parameter_count(weights: dict[str, np.ndarray]) -> int:
-    return int(sum(w.size for w in weights.values()))

@@ -31,11 +31,11 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import LabError
 from ..extras import require
-from ..harness import _walk, tree_hash
+from ..harness import tree_files, tree_hash
 from . import clock as _clock
 from .base import Agent, AgentContext, AgentFatal, Proposal
 from .memory import past_candidate
@@ -285,7 +285,7 @@ class AnthropicAgent(Agent):
         ep = self._episode(ctx, transcript, "propose", SYSTEM_PROPOSE, brief,
                            [EDITOR_TOOL, COMPILE_TOOL, CHECK_TOOL, PROFILE_TOOL, HISTORY_TOOL, SUBMIT_TOOL],
                            handlers, finish=("submit", submit), final_text_ends=False)
-        patch, hypothesis, notes = ep.result or ("", "", {})
+        patch, hypothesis, notes = ep.result or ("", "", dict[str, str]())
         return Proposal(patch=patch, hypothesis=hypothesis, cost_usd=ep.cost, usage=ep.usage,
                         failure=ep.failure, transcript=str(transcript.path),
                         learned=notes.get("learned", ""), next_idea=notes.get("next_idea", ""),
@@ -328,7 +328,7 @@ class AnthropicAgent(Agent):
         """Run turns until the finish tool succeeds (or, for research, the model ends with text),
         a cap (turns, tokens, dollars, truncations) is reached, or the API fails."""
         ep = _Episode()
-        system = [{"type": "text", "text": system_text},
+        system: list[dict] = [{"type": "text", "text": system_text},
                   {"type": "text", "text": "# program.md (the harness's operating notes)\n\n" + (ctx.program_md or "(none)"),
                    "cache_control": {"type": "ephemeral"}}]
         messages: list[dict] = [{"role": "user", "content": [{"type": "text", "text": first}]}]
@@ -621,10 +621,10 @@ class _Transient(Exception):
 
 
 class _Episode:
-    def __init__(self):
+    def __init__(self) -> None:
         self.usage: dict = {k: 0 for k in USAGE_KEYS}
         self.cost = 0.0
-        self.result = None
+        self.result: Any = None
         self.failure = ""
         self.api_unavailable = False
 
@@ -642,7 +642,7 @@ def _result(use: dict, text: str, is_error: bool) -> dict:
     return {"type": "tool_result", "tool_use_id": use.get("id"), "content": text, "is_error": is_error}
 
 
-_JSON_TYPES = {"string": str, "integer": int, "boolean": bool, "array": list, "object": dict, "number": (int, float)}
+_JSON_TYPES: dict[str, Any] = {"string": str, "integer": int, "boolean": bool, "array": list, "object": dict, "number": (int, float)}
 
 
 def validate_input(schema: dict | None, value, where: str = "input") -> str:
@@ -786,7 +786,7 @@ def _references(root: Path, private=DEFAULT_PRIVATE) -> str:
         return "(this harness has no references/ folder)"
     parts, size = [], 0
     root = root.resolve()
-    for rel in _walk(folder):
+    for rel in tree_files(folder):
         path = folder / rel
         resolved = path.resolve()
         if is_private(f"references/{rel}", private) or root not in resolved.parents or is_private(

@@ -27,7 +27,7 @@ def make_agent(spec: str, *, model: str | None = None, web_search: bool = False,
         from .anthropic_agent import (DEFAULT_MAX_API_WAIT_S, DEFAULT_MAX_EPISODE_USD, DEFAULT_MAX_TOKENS,
                                       DEFAULT_THINKING, EFFORTS)
 
-        efforts = None
+        efforts: dict | None = None
         if effort == "off":
             efforts = {"research": None, "propose": None}
         elif effort:

@@ -12,8 +12,11 @@ check lines) for the agent's `history` tool.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+
+from ..records import KEEP
+from ..stats import speedup
+from ..store import event_status
 
 MEMORY_CHARS = 30_000
 IDEAS = 15  # the latest next_idea lines shown
@@ -23,8 +26,8 @@ RECORD_BYTES = 8 << 20  # a record larger than this is not parsed for the histor
 
 
 def _speed(verdict: dict) -> str:
-    median = verdict.get("median")
-    return "" if median is None else f" {math.exp(-median):.4f}x"
+    gain = speedup(verdict.get("median"))
+    return "" if gain is None else f" {gain:.4f}x"
 
 
 def _why(event: dict) -> str:
@@ -46,7 +49,7 @@ def outcomes(events: list[dict]) -> list[dict]:
             v = e.get("verdict") or {}
             status = v.get("status", "?")
             rows[n]["outcome"] = f"{status}{_speed(v)}" + (f" ({_why(e)})" if status != "KEEP" and _why(e) else "")
-            rows[n]["kept"] = e.get("status") == "keep"
+            rows[n]["kept"] = event_status(e) == KEEP
             rows[n]["dead"] = not rows[n]["kept"]
         elif t == "rejected" and n in rows:
             rows[n]["outcome"] = f"rejected: {e.get('reason', '')} {str(e.get('detail', ''))[:100]}".strip()

@@ -84,7 +84,7 @@ def load_prices(prices_file: str | Path | None = None) -> dict[str, Price]:
         if missing:
             raise LabError(f"the price file {path} gives no number for {', '.join(missing)} of '{model}' "
                            "(USD per million tokens)")
-        table[model] = Price(*(float(entry[f]) for f in _FIELDS))
+        table[model] = Price(*(float(entry[f]) for f in _FIELDS))  # type: ignore[arg-type]  # _FIELDS: the 4 rates
     return table
 
 

@@ -13,7 +13,8 @@ import json
 import shutil
 from pathlib import Path, PurePosixPath
 
-from ..harness import _walk, matches_any
+from ..harness import matches_any, tree_files
+from ..records import KEEP
 from .base import AgentContext
 
 MAX_VIEW_CHARS = 40_000  # one view of a file; longer files are cut, with a pointer to view_range
@@ -30,7 +31,7 @@ class ToolError(Exception):
 # --- the scratch tree and the diff ---------------------------------------------------------
 def editable_files(tree: Path, globs) -> list[str]:
     """Relative paths of the files under `tree` that belong to the editable surface."""
-    return [p for p in _walk(tree) if matches_any(p, globs)] if tree.is_dir() else []
+    return [p for p in tree_files(tree) if matches_any(p, globs)] if tree.is_dir() else []
 
 
 def stage_scratch(ctx: AgentContext, name: str = "tree") -> Path:
@@ -96,7 +97,7 @@ def diff_trees(incumbent: Path, scratch: Path, globs, exclude: tuple[str, ...] =
 
 def changed_outside(scratch: Path, globs, exclude: tuple[str, ...] = ()) -> list[str]:
     """Files an external agent wrote in its scratch folder outside the editable surface."""
-    return [p for p in _walk(Path(scratch)) if not matches_any(p, globs) and p not in exclude]
+    return [p for p in tree_files(Path(scratch)) if not matches_any(p, globs) and p not in exclude]
 
 
 def hypothesis_line(text: str) -> str:
@@ -310,7 +311,7 @@ class Workbench:
     def _listing(self, rel: str) -> str:
         prefix = f"{rel}/" if rel else ""
         locked = []
-        for p in _walk(self.root / rel):
+        for p in tree_files(self.root / rel):
             full = prefix + p
             if self.is_editable(full) or is_private(full, self.private):
                 continue
@@ -436,7 +437,7 @@ def _results_view(tsv: str) -> str:
         return tsv
     head, rows = lines[0], lines[1:]
     latest = set(range(len(rows) - MAX_RESULT_ROWS, len(rows)))
-    shown = [r for i, r in enumerate(rows) if i in latest or "\tkeep\t" in r]
+    shown = [r for i, r in enumerate(rows) if i in latest or f"\t{KEEP}\t" in r]
     return "\n".join([head, f"({len(rows) - len(shown)} earlier rows not shown: the run memory has every experiment)",
                       *shown])
 

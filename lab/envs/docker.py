@@ -23,6 +23,7 @@ import uuid
 
 from ..errors import EnvironmentUnavailable, LabError
 from ..extras import require
+from ..harness import resolve_image
 from .base import Env, Mount, RunResult
 from .native import SECRET_MARKERS
 
@@ -33,7 +34,7 @@ CACHE_TARGET = "/cache"
 NOBODY = "65534:65534"  # for an image that declares no non-root user
 # What the runner's container needs so that bubblewrap can sandbox candidate code inside it.
 SANDBOX_SECURITY_OPT = ["no-new-privileges", "seccomp=unconfined", "apparmor=unconfined"]
-SANDBOX_HOST_CONFIG = {"MaskedPaths": [], "ReadonlyPaths": []}  # `--security-opt systempaths=unconfined`
+SANDBOX_HOST_CONFIG: dict[str, list] = {"MaskedPaths": [], "ReadonlyPaths": []}  # `--security-opt systempaths=unconfined`
 
 
 def engine_address() -> str:
@@ -86,8 +87,6 @@ class DockerEnv(Env):
         if self.harness is not None:
             if self.harness.environment.image:
                 return self.harness.environment.image
-            from ..publish import resolve_image
-
             found = resolve_image(self.harness)
             if found:
                 return found
@@ -149,11 +148,26 @@ class DockerEnv(Env):
         return NOBODY if user.split(":")[0] in ("", "0", "root") else user
 
     def run(self, argv, *, mounts, timeout_s, cpus=None, gpus=None, env=None, network=False):
-        docker = require("docker")
-        from requests.exceptions import RequestException  # docker-py's transport
-
         image = self._image_object()
         user = self._user(image)
+        child_env = secret_free({**self.extra_env, **(env or {})})
+        child_env["LAB_CACHE"] = CACHE_TARGET
+        start = time.monotonic()
+        label = re.sub(r"[^a-zA-Z0-9_.-]", "-", getattr(self.harness, "name", "") or "run")
+        name = f"lab-{label}-{uuid.uuid4().hex[:10]}"
+        container = self._start(image, argv, name, user, child_env, self._volumes(mounts, user),
+                                self._device_requests(gpus), cpus=cpus, network=network)
+        try:
+            returncode, timed_out = self._wait(container, timeout_s - (time.monotonic() - start))
+            stdout = container.logs(stdout=True, stderr=False).decode(errors="replace")
+            stderr = container.logs(stdout=False, stderr=True).decode(errors="replace")
+        finally:
+            self._remove(name)
+        return RunResult(returncode=returncode, stdout=stdout, stderr=stderr,
+                         timed_out=timed_out, seconds=time.monotonic() - start)
+
+    def _volumes(self, mounts, user: str) -> dict:
+        """The binds: the build-cache volume, and every mount (a writable one handed to `user`)."""
         volumes = {CACHE_VOLUME: {"bind": CACHE_TARGET, "mode": "rw"}}
         for m in mounts:
             if m.target == CACHE_TARGET:
@@ -162,19 +176,22 @@ class DockerEnv(Env):
             if not m.read_only:
                 _grant(host, user)
             volumes[host] = {"bind": m.target, "mode": "ro" if m.read_only else "rw"}
-        child_env = secret_free({**self.extra_env, **(env or {})})
-        child_env["LAB_CACHE"] = CACHE_TARGET
-        device_requests = []
-        needs_gpu = bool(self.harness is not None and self.harness.environment.needs_gpu)
-        if gpus:
-            device_requests = [docker.types.DeviceRequest(device_ids=[str(g) for g in gpus],
-                                                          capabilities=[["gpu"]])]
-        elif gpus is None and needs_gpu:
-            device_requests = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+        return volumes
 
-        start = time.monotonic()
-        label = re.sub(r"[^a-zA-Z0-9_.-]", "-", getattr(self.harness, "name", "") or "run")
-        name = f"lab-{label}-{uuid.uuid4().hex[:10]}"
+    def _device_requests(self, gpus) -> list:
+        """The GPUs given (none for an empty list; every GPU for a GPU harness given None)."""
+        docker = require("docker")
+        if gpus:
+            return [docker.types.DeviceRequest(device_ids=[str(g) for g in gpus], capabilities=[["gpu"]])]
+        if gpus is None and self.harness is not None and self.harness.environment.needs_gpu:
+            return [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+        return []
+
+    def _start(self, image, argv, name: str, user: str, child_env: dict, volumes: dict, device_requests: list,
+               *, cpus, network: bool):
+        """The runner's container, started: no capabilities, no network unless asked, the CPU set,
+        and what bubblewrap needs inside (SANDBOX_HOST_CONFIG)."""
+        docker = require("docker")
         try:
             api = self.client.api
             host_config = api.create_host_config(
@@ -186,7 +203,7 @@ class DockerEnv(Env):
                                            host_config=host_config, labels={"org.lab.role": "runner"},
                                            detach=True)
             api.start(created["Id"])
-            container = self.client.containers.get(created["Id"])
+            return self.client.containers.get(created["Id"])
         except docker.errors.DockerException as exc:
             self._remove(name)
             if device_requests and "device driver" in str(exc):
@@ -196,23 +213,21 @@ class DockerEnv(Env):
                     "`nvidia-ctk runtime configure --runtime=docker`, or use --env native"
                 ) from None
             raise LabError(f"could not start a container of {self.image}: {_first_line(exc)}") from None
-        timed_out = False
+
+    @staticmethod
+    def _wait(container, timeout_s: float) -> tuple[int | None, bool]:
+        """(exit status, timed out): waits at most `timeout_s` (1 s at least), then kills it."""
+        docker = require("docker")
+        from requests.exceptions import RequestException  # docker-py's transport
+
         try:
+            return container.wait(timeout=max(1, timeout_s)).get("StatusCode"), False
+        except RequestException:  # the wait timed out
             try:
-                status = container.wait(timeout=max(1, timeout_s - (time.monotonic() - start)))
-                returncode = status.get("StatusCode")
-            except RequestException:  # the wait timed out
-                timed_out, returncode = True, None
-                try:
-                    container.kill()
-                except docker.errors.APIError:
-                    pass  # it ended in the meantime
-            stdout = container.logs(stdout=True, stderr=False).decode(errors="replace")
-            stderr = container.logs(stdout=False, stderr=True).decode(errors="replace")
-        finally:
-            self._remove(name)
-        return RunResult(returncode=returncode, stdout=stdout, stderr=stderr,
-                         timed_out=timed_out, seconds=time.monotonic() - start)
+                container.kill()
+            except docker.errors.APIError:
+                pass  # it ended in the meantime
+            return None, True
 
     def _remove(self, name: str) -> None:
         docker = require("docker")

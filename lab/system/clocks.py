@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 from ..errors import EnvironmentUnavailable, LabError
 from .telemetry import CLOCK_SM, ERROR_NOT_SUPPORTED, device_handle, open_nvml, read
@@ -45,9 +46,10 @@ class ClockLock:
         self._geteuid = geteuid
         self.sm_mhz: int | None = None  # what was locked, for the record
         self.mem_mhz: int | None = None
-        self._nvml = self._handle = None
+        self._nvml: Any = None
+        self._handle: Any = None
         self._locked = False
-        self._previous_handlers: dict[int, object] = {}
+        self._previous_handlers: dict[int, Any] = {}
 
     # --- entering ---------------------------------------------------------------------------
     def __enter__(self) -> "ClockLock":

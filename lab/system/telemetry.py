@@ -1,7 +1,7 @@
 """What the GPU reports while we time it: clocks, power, temperature, clock-event reasons.
 
-Read-only NVML access lives here, shared by the fingerprint and the clock lock: `open_nvml`,
-`device_handle`, `read` (one guarded call) and `event_reasons`. `GpuTelemetry.block` watches one
+Read-only NVML access lives here, shared by the fingerprint, the clock lock and CPU placement:
+`open_nvml`, `device_handle`, `read` (one guarded call), `event_reasons` and `numa_node`. `GpuTelemetry.block` watches one
 block of timed pairs; a block in which the GPU slowed itself down for heat or a hardware limit
 is marked throttled and its pairs are dropped from the verdict (lab/stats.py).
 """
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import threading
-from types import ModuleType
+from typing import Any
 
 from ..records import TelemetryBlock
+from . import cpus
 
 # Constants of nvml.h (ABI-stable), spelled here so that a fake NVML in tests needs none.
 CLOCK_SM, CLOCK_MEM = 1, 2
@@ -38,13 +39,14 @@ THROTTLING = frozenset({"sw_thermal", "hw_thermal", "hw_slowdown", "hw_power_bra
 SAMPLE_INTERVAL_S = 0.05
 
 
-def open_nvml(nvml: ModuleType | object | None = None):
+def open_nvml(nvml: Any = None):
     """An initialised NVML module (or the given fake), or None when there is no NVML or driver."""
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml
         except ImportError:
             return None
+        nvml = pynvml
     try:
         nvml.nvmlInit()
     except nvml.NVMLError:
@@ -78,6 +80,16 @@ def device_handle(nvml, index: int):
             return read(nvml, "nvmlDeviceGetHandleByIndex", int(entry))
         return read(nvml, "nvmlDeviceGetHandleByUUID", entry)
     return read(nvml, "nvmlDeviceGetHandleByIndex", index)
+
+
+def numa_node(nvml, handle) -> int | None:
+    """The NUMA node of the GPU behind `handle`: its PCI bus id from NVML, looked up in sysfs;
+    None where NVML or the OS does not say."""
+    pci = read(nvml, "nvmlDeviceGetPciInfo", handle) if handle is not None else None
+    bus = getattr(pci, "busId", None)
+    if bus is None:
+        return None
+    return cpus.gpu_numa_node(bus.decode() if isinstance(bus, bytes) else str(bus))
 
 
 def event_reasons(nvml, handle) -> int | None:
