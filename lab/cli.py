@@ -315,7 +315,9 @@ def try_(harness, patch, hypothesis, run_ref, new_run, no_confirm, model_path, e
     from .errors import PatchRejected
     from .harness import load
     from .loop import Lab, Settings
+    from .records import KEEP
     from .runs import open_run, standing_try_run
+    from .store import event_status
     from .workspace import check_patch
 
     if run_ref and new_run:
@@ -354,7 +356,7 @@ def try_(harness, patch, hypothesis, run_ref, new_run, no_confirm, model_path, e
     lab.folder.append("run_stopped", reason=f"try #{event['number']} done")
     lab.folder.render()
     verdict = event.get("verdict") or {}
-    code = EXIT_REFUSED if event["type"] == "rejected" else EXIT_KEPT if event["status"] == "keep" else EXIT_NOT_KEPT
+    code = EXIT_REFUSED if event["type"] == "rejected" else EXIT_KEPT if event_status(event) == KEEP else EXIT_NOT_KEPT
     if as_json:
         _print_json({"run": str(lab.folder.path), "event": event, "sandbox": isolation, "exit": code})
         sys.exit(code)

@@ -40,3 +40,15 @@ def try_lock(path: Path, mode: str = "a") -> IO | None:
         f.close()
         return None
     return f
+
+
+def held_elsewhere(path: Path) -> bool:
+    """Whether another open file holds a lock on `path` now: a shared lock is tried and dropped
+    at once, so the caller never waits and never keeps the lock."""
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False

@@ -25,7 +25,7 @@ from .envs import Env
 from .errors import LabError, PatchRejected
 from .evaluate import Outcome, run_evaluation
 from .harness import Harness, stage_editable
-from .records import CRASH, FAIL, KEEP, SAME, TIMEOUT, WORSE
+from .records import CRASH, FAIL, KEEP, TIMEOUT, WORSE
 from .store import RunFolder, event_status, new_run_id, pace
 from .workspace import Workspace, git, source_repo
 

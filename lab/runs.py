@@ -111,12 +111,9 @@ def standing_try_run(harness, env, runs_dir: Path) -> Path | None:
 
 def _source_changed(repo: Path, base: str, prefix: str) -> bool:
     """Whether the harness's tree at HEAD differs from `base` (or `base` is gone)."""
-    import subprocess
+    from . import git
 
-    from .workspace import git_env
-
-    return subprocess.run(["git", "diff", "--quiet", base, "HEAD", "--", prefix or "."], cwd=repo,
-                          env=git_env(), capture_output=True).returncode != 0
+    return git.run(repo, "diff", "--quiet", base, "HEAD", "--", prefix or ".").returncode != 0
 
 
 # --- lab clean ------------------------------------------------------------------------------
@@ -159,7 +156,7 @@ def clean(runs_dir: Path, *, folders: bool = False, kept: bool = False, dry_run:
 
 
 def _remove_worktree_and_branch(folder: RunFolder) -> None:
-    from .workspace import git
+    from .git import git
 
     meta = folder.meta
     repo = Path(meta.get("repo", ""))

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from .errors import RunFolderBusy, RunFolderError
-from .locks import file_lock, try_lock
+from .locks import file_lock, held_elsewhere, try_lock
 from .records import CRASH, FAIL, KEEP, SAME, SCHEMA_VERSION, Status, json_safe
 from .scrub import scrub
 from .stats import speedup, speedup_ci
@@ -127,17 +127,12 @@ class RunFolder:
         if str(self.path.resolve()) in _HELD:
             return os.getpid()
         try:
-            f = open(self.path / OWNER_FILE)
+            if not held_elsewhere(self.path / OWNER_FILE):
+                return None
+            words = (self.path / OWNER_FILE).read_text().split()
         except FileNotFoundError:
             return None  # never owned
-        with f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                words = f.read().split()
-                return int(words[1]) if len(words) > 1 and words[0] == "process" and words[1].isdigit() else 0
-            fcntl.flock(f, fcntl.LOCK_UN)
-        return None
+        return int(words[1]) if len(words) > 1 and words[0] == "process" and words[1].isdigit() else 0
 
     @property
     def meta(self) -> dict:

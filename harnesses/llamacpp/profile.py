@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from lab import sandbox
+from lab.sdk import sandbox
 
 from . import bench, driver
 from .oracle import DECODE_OPS, backend_ops_args
