@@ -537,7 +537,7 @@ class Lab:
     def _record_evaluated(self, number: int, commit: str, source_hash: str, description: str,
                           outcome: Outcome, verdict, confirmation: Outcome | None, diffstat: str,
                           seconds: float, **extra) -> dict:
-        """Append the `evaluated` event of one experiment (the sequential and the parallel loop)."""
+        """Append the `evaluated` event of one experiment."""
         status = STATUS_OF.get(verdict.status, "discard")
         ev = outcome.evaluation
         if ev.busy_cpus:
