@@ -17,7 +17,7 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from . import stats
 from .envs import Env
@@ -103,7 +103,7 @@ class RayExecutor:
 
     def __init__(self, harness: Harness, env_name: str, address: str, max_lost: int = 3):
         self.harness, self.env_name, self.address, self.max_lost = harness, env_name, address, max_lost
-        self._task = None
+        self._task: Any = None  # the remote function, once connected
 
     def preflight(self) -> int:
         """Connect; returns how many evaluations the cluster can run at once."""
@@ -195,7 +195,7 @@ def _ray_evaluate(harness_root: str, env_name: str, req: dict) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     harness = load(harness_root, model=req.get("model"))
     gpu_ids = [int(g) for g in ray.get_gpu_ids()]
-    here = next((n for n in ray.nodes() if n.get("NodeID") == node), {})
+    here: dict = next((n for n in ray.nodes() if n.get("NodeID") == node), {})
     key = "GPU" if harness.environment.needs_gpu else SLOT_RESOURCE
     per_node = int(here.get("Resources", {}).get(key, 1))
     k, lock = _worker_slot(per_node)  # disjoint CPU sets for the tasks that share this node

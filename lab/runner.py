@@ -203,9 +203,6 @@ def _telemetry_for(harness: Harness, gpu_index: int):
 
 # --- one evaluation ---------------------------------------------------------------------------
 def evaluate(args) -> Evaluation:
-    """One request, step by step: build the candidate; then, by mode, stop there (build), profile
-    it (profile), or check it with the oracle and stop (check) or go on: build the incumbent (the
-    candidate itself for an A/A) and time the two in interleaved pairs (evaluate, aa)."""
     from . import sandbox
 
     started = time.monotonic()
@@ -220,55 +217,49 @@ def evaluate(args) -> Evaluation:
     cache = Path(args.cache) if args.cache else default_cache()
     say = (lambda msg: print(f"[runner] {msg}", file=sys.stderr, flush=True))
 
-    say(f"building candidate {args.candidate}")
-    record.candidate_build = build_cached(harness, Path(args.candidate), cache)
+    candidate_stage = Path(args.candidate)
+    say(f"building candidate {candidate_stage}")
+    record.candidate_build = build_cached(harness, candidate_stage, cache)
     if not record.candidate_build.ok:
         record.status, record.reason = FAIL, "build failed: " + record.candidate_build.error[-1500:]
-    elif args.mode == "profile":  # the agent's profile tool: informative, never a verdict
-        _profile(harness, record, say)
-    elif args.mode != "build" and _check(harness, record, check_seeds, say):  # build: the compile tool
-        if args.mode != "check" and _incumbent(harness, record, args, cache, say):
-            _time(harness, record, args, timing_seed, say)
-    return _finish(record, started)
+        return _finish(record, started)
+    if args.mode == "build":  # the agent's compile tool
+        return _finish(record, started)
+    if args.mode == "profile":  # the agent's profile tool: informative, never a verdict
+        return _finish(_profile(harness, record, say), started)
 
+    if args.mode in ("evaluate", "check", "aa"):  # the A/A baseline is checked too
+        say("checking candidate with the oracle")
+        t0 = time.monotonic()
+        try:
+            record.check = harness.check(record.candidate_build, list(check_seeds))
+        except CandidateAborted:
+            raise
+        except Exception as exc:
+            record.check = Check(passed=False, items=[CheckItem("oracle", False, detail="crashed: " + _summary(exc))])
+        record.check.seconds = record.check.seconds or time.monotonic() - t0
+        if not record.check.passed:
+            record.status, record.reason = FAIL, "oracle: " + "; ".join(record.check.failures())[:1500]
+            return _finish(record, started)
+        if args.mode == "check":
+            return _finish(record, started)
 
-def _check(harness: Harness, record: Evaluation, seeds: list[int], say) -> bool:
-    """The oracle on the candidate (an A/A's incumbent too); False when it failed."""
-    say("checking candidate with the oracle")
-    t0 = time.monotonic()
-    try:
-        record.check = harness.check(record.candidate_build, list(seeds))
-    except CandidateAborted:
-        raise
-    except Exception as exc:
-        record.check = Check(passed=False, items=[CheckItem("oracle", False, detail="crashed: " + _summary(exc))])
-    record.check.seconds = record.check.seconds or time.monotonic() - t0
-    if not record.check.passed:
-        record.status, record.reason = FAIL, "oracle: " + "; ".join(record.check.failures())[:1500]
-    return record.check.passed
-
-
-def _incumbent(harness: Harness, record: Evaluation, args, cache: Path, say) -> bool:
-    """The incumbent's build (an A/A's is the candidate's); False when it no longer builds."""
     if args.mode == "aa":
         record.incumbent_build = record.candidate_build
-        return True
-    say(f"building incumbent {args.incumbent}")
-    record.incumbent_build = build_cached(harness, Path(args.incumbent), cache)
-    if not record.incumbent_build.ok:
-        record.status, record.reason = CRASH, "the incumbent no longer builds: " + record.incumbent_build.error[-1500:]
-    return record.incumbent_build.ok
+    else:
+        say(f"building incumbent {args.incumbent}")
+        record.incumbent_build = build_cached(harness, Path(args.incumbent), cache)
+        if not record.incumbent_build.ok:
+            record.status, record.reason = CRASH, "the incumbent no longer builds: " + record.incumbent_build.error[-1500:]
+            return _finish(record, started)
 
-
-def _time(harness: Harness, record: Evaluation, args, seed: int, say) -> None:
-    """Incumbent and candidate in interleaved pairs, pinned to a timing core."""
     record.timing_cpus, record.busy_cpus = _timing_cpus(harness, args.gpu_index)
     say(f"timing in interleaved pairs on CPU {record.timing_cpus}"
         + (f" (busy before timing: {record.busy_cpus})" if record.busy_cpus else ""))
     try:
         candidate = record.incumbent_build if args.mode == "aa" else record.candidate_build
         record.pairs, record.telemetry, record.timing_seconds = time_pairs(
-            harness, record.incumbent_build, candidate, seed=seed, delta=args.delta,
+            harness, record.incumbent_build, candidate, seed=timing_seed, delta=args.delta,
             min_pairs=args.min_pairs or harness.min_pairs,
             min_seconds=harness.min_timing_seconds if args.min_seconds is None else args.min_seconds,
             max_seconds=args.max_seconds or harness.max_timing_seconds,
@@ -279,9 +270,10 @@ def _time(harness: Harness, record: Evaluation, args, seed: int, say) -> None:
         raise
     except Exception as exc:
         record.status, record.reason = CRASH, "timing crashed: " + _summary(exc)
+    return _finish(record, started)
 
 
-def _profile(harness: Harness, record: Evaluation, say) -> None:
+def _profile(harness: Harness, record: Evaluation, say) -> Evaluation:
     say("profiling the build")
     try:
         record.profile = harness.profile(record.candidate_build)
@@ -289,6 +281,7 @@ def _profile(harness: Harness, record: Evaluation, say) -> None:
         raise
     except Exception as exc:  # a profiler that fails or hangs (ncu, perf): the record says so
         record.status, record.reason = CRASH, "the profile failed: " + _summary(exc)
+    return record
 
 
 def _finish(record: Evaluation, started: float) -> Evaluation:
