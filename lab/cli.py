@@ -26,6 +26,13 @@ MODEL_OPTION = click.option("--model", "model_path", type=click.Path(exists=True
                                  "default: the harness's own")
 
 
+# Exit codes. reproduce adds its own 3-6 (docs/reproduce.md); a traceback (a bug) exits 1 too.
+EXIT_KEPT = 0  # try: KEEP; check: PASS
+EXIT_NOT_KEPT = 1  # try: measured and not kept (SAME, WORSE, FAIL, CRASH, TIMEOUT); check: not PASS
+EXIT_REFUSED = 2  # refused: a patch the guard refuses or that does not apply, and every LabError
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
+
+
 def _sandbox(no_sandbox: bool, env_name: str = "native") -> str:
     """Apply --no-sandbox (LAB_SANDBOX=off for every runner) or refuse to start where no sandbox
     can be made; returns what isolates candidate code, for the verdict lines. In a container the
@@ -170,7 +177,7 @@ def check(harness, src, model_path, env_name, runs_dir, as_json, no_sandbox):
     h, outcome, isolation = _one_evaluation(harness, src, None, env_name, "check", runs_dir,
                                             model_path=model_path, no_sandbox=no_sandbox)
     _report(h, outcome, as_json, isolation)
-    sys.exit(0 if outcome.verdict.status == "PASS" else 1)
+    sys.exit(EXIT_KEPT if outcome.verdict.status == "PASS" else EXIT_NOT_KEPT)
 
 
 @cli.command()
@@ -285,28 +292,41 @@ def _display(quiet: bool):
 @click.argument("harness")
 @click.argument("patch", type=click.Path(exists=True, dir_okay=False))
 @click.option("-m", "--hypothesis", default="", help="one line: what should get faster and why")
-@click.option("--run", "run_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="add the experiment to this run (default: a new run of kind 'try')")
+@click.option("--run", "run_ref", help="add the experiment to this run (name or folder) "
+              "[default: the harness's standing try run, made on first use]")
+@click.option("--new-run", is_flag=True, help="start a new try run instead of going on with the standing one")
 @click.option("--no-confirm", is_flag=True, help="skip the confirming run of a KEEP")
 @MODEL_OPTION
 @ENV_OPTION
 @RUNS_OPTION
 @JSON_OPTION
 @NO_SANDBOX_OPTION
-def try_(harness, patch, hypothesis, run_path, no_confirm, model_path, env_name, runs_dir, as_json, no_sandbox):
-    """A person's idea through the same gate as an agent's: apply PATCH, evaluate, decide."""
+def try_(harness, patch, hypothesis, run_ref, new_run, no_confirm, model_path, env_name, runs_dir, as_json,
+         no_sandbox):
+    """A person's idea through the same gate as an agent's: apply PATCH, evaluate, decide.
+
+    Tries of one harness go on in one standing run (its noise floor measured once, its kept tries
+    the incumbent of the next) unless --run names another or --new-run starts one. The patch is
+    checked (editable surface, regular files, applies to the incumbent) before anything is
+    measured. Exit 0: KEEP; 1: measured and not kept; 2: refused (the patch, or the run)."""
     isolation = _sandbox(no_sandbox, env_name)
+    from dataclasses import replace
+
     from .agents import Proposal
     from .envs import get
+    from .errors import PatchRejected
     from .harness import load
     from .loop import Lab, Settings
+    from .runs import open_run, standing_try_run
+    from .workspace import check_patch
 
-    if run_path:  # one owner per run folder; the run's own environment unless --env is given
+    if run_ref and new_run:
+        raise click.UsageError("--run and --new-run exclude each other")
+    folder = None
+    if run_ref:  # one owner per run folder; the run's own environment unless --env is given
         from click.core import ParameterSource
 
-        from .store import RunFolder
-
-        folder = RunFolder.open(run_path)
+        folder = open_run(run_ref, runs_dir, worktree=True)
         folder.hold()
         if click.get_current_context().get_parameter_source("env_name") == ParameterSource.DEFAULT:
             env_name = (folder.meta.get("settings") or {}).get("env") or env_name
@@ -314,41 +334,65 @@ def try_(harness, patch, hypothesis, run_path, no_confirm, model_path, env_name,
     h.preflight()
     env = get(env_name, h)
     env.preflight()
-    settings = Settings(confirm=not no_confirm, env=env_name, agent="manual")
-    lab = (Lab.resume(run_path, h, env, display=_display(as_json)) if run_path
-           else Lab.start(h, runs_dir, env, settings, display=_display(as_json), kind="try"))
+    standing = None if run_ref or new_run else standing_try_run(h, env, runs_dir)
+    path = folder.path if folder else standing
+    if path:
+        from .store import RunFolder
+
+        recorded = Settings(**RunFolder.open(path).meta.get("settings", {}))
+        lab = Lab.resume(path, h, env, replace(recorded, confirm=not no_confirm), display=_display(as_json))
+    else:
+        settings = Settings(confirm=not no_confirm, env=env_name, agent="manual")
+        lab = Lab.start(h, runs_dir, env, settings, display=_display(as_json), kind="try")
     text = Path(patch).read_text()
-    if lab.state().noise_floor is None and _passes_guard(text, h):  # a refused patch runs nothing
+    try:
+        check_patch(text, lab.workspace.tree, h)
+        refused = None
+    except PatchRejected as exc:  # recorded as the experiment's rejection below; nothing is measured
+        refused = exc
+    if refused is None and lab.state().noise_floor is None:
         lab.measure_noise()
     event = lab.experiment(Proposal(patch=text, hypothesis=hypothesis or Path(patch).stem))
+    lab.folder.append("run_stopped", reason=f"try #{event['number']} done")
+    lab.folder.render()
+    verdict = event.get("verdict") or {}
+    code = EXIT_REFUSED if event["type"] == "rejected" else EXIT_KEPT if event["status"] == "keep" else EXIT_NOT_KEPT
     if as_json:
-        return _print_json({"run": str(lab.folder.path), "event": event, "sandbox": isolation})
-    status = event.get("verdict", {}).get("status") or f"REJECTED ({event.get('reason')}: {event.get('detail', '')})"
-    click.echo(f"#{event['number']} {status}: {event.get('description', '')}"
-               + (f" — {event['verdict']['reason']}" if event.get("verdict", {}).get("reason") else ""))
+        _print_json({"run": str(lab.folder.path), "event": event, "sandbox": isolation, "exit": code})
+        sys.exit(code)
+    if event["type"] == "rejected":
+        line = f"#{event['number']} refused ({event['reason']}): {event.get('detail') or event.get('description', '')}"
+        kept = len(lab.state().kept)
+        if standing and kept and event["reason"] in ("does not apply", "duplicate", "applies to nothing"):
+            line += (f"; this run's incumbent holds {kept} kept tr{'y' if kept == 1 else 'ies'}: "
+                     "--new-run tries it against the checkout's source")
+    else:
+        line = f"#{event['number']} {verdict['status']}"
+        if verdict.get("median") is not None and verdict.get("ci_low") is not None:
+            import math
+
+            line += (f" {math.exp(-verdict['median']):.2f}x (99% CI {math.exp(-verdict['ci_high']):.2f}-"
+                     f"{math.exp(-verdict['ci_low']):.2f})")
+        line += f": {event.get('description', '')}" + (f" — {verdict['reason']}" if verdict.get("reason") else "")
+    click.echo(line)
     click.echo(f"sandbox: {isolation}")
-    click.echo(f"run: {lab.folder.path}")
+    click.echo(f"run: {lab.folder.path}" + (" (the standing try run of this harness; --new-run for a fresh one)"
+                                                 if standing else ""))
+    sys.exit(code)
 
 
-def _passes_guard(patch: str, harness) -> bool:
-    from .errors import PatchRejected
-    from .workspace import guard_patch
-
-    try:
-        guard_patch(patch, harness)
-    except PatchRejected:
-        return False
-    return True
+RUN_ARGUMENT = click.argument("run_ref", metavar="RUN")
 
 
 @cli.command()
-@click.argument("run_path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@RUN_ARGUMENT
+@RUNS_OPTION
 @JSON_OPTION
-def log(run_path, as_json):
-    """Show a run's log (rebuilt from its events)."""
-    from .store import RunFolder
+def log(run_ref, runs_dir, as_json):
+    """Show a run's log (rebuilt from its events). RUN: a run's name (see `lab status`) or folder."""
+    from .runs import open_run
 
-    folder = RunFolder.open(run_path)
+    folder = open_run(run_ref, runs_dir)
     folder.render()
     if as_json:
         return _print_json(folder.events())
@@ -360,34 +404,74 @@ def log(run_path, as_json):
 @RUNS_OPTION
 @JSON_OPTION
 def status(runs_dir, as_json):
-    """List the runs under --runs with their progress."""
+    """List the runs under --runs: state (running with its pid, stopped, died, cleaned) and progress."""
     from .loop import RunState
+    from .runs import run_folders, status_of
     from .store import RunFolder
 
     rows = []
-    for path in sorted(runs_dir.glob("*/run.json")):
-        folder = RunFolder.open(path.parent)
+    for path in run_folders(runs_dir):
+        folder = RunFolder.open(path)
         events = folder.events()
         st = RunState.from_events(events, folder.meta)
-        rows.append({"run": path.parent.name, "harness": folder.meta.get("harness"), "proposals": st.proposed,
-                     "verdicts": st.verdicts, "kept": len(st.kept), "best_speedup": round(st.best_speedup, 4),
-                     "spent_usd": round(st.spent_usd, 4), "last": events[-1]["type"] if events else "",
-                     "updated": events[-1]["time"] if events else ""})
+        state = status_of(folder, events)
+        rows.append({"run": path.name, "harness": folder.meta.get("harness"), "state": state.state,
+                     "pid": state.pid, "proposals": st.proposed, "verdicts": st.verdicts, "kept": len(st.kept),
+                     "best_speedup": round(st.best_speedup, 4), "spent_usd": round(st.spent_usd, 4),
+                     "last": events[-1]["type"] if events else "", "updated": events[-1]["time"] if events else ""})
     if as_json:
         return _print_json(rows)
-    _table("runs", ["run", "harness", "proposals", "kept", "best", "$", "last event", "updated"],
-           [[r["run"], r["harness"], r["proposals"], r["kept"], f"{r['best_speedup']}x", r["spent_usd"],
-             r["last"], r["updated"]] for r in rows])
+    if not rows:
+        return click.echo(f"no runs under {runs_dir}/")
+    # Plain columns that fit 80 with the longest harness name: a name is never cut (it is what
+    # log, report, export and --resume take); the harness is its first word.
+    width = max(len(r["run"]) for r in rows)
+    click.echo(f"{'run':<{width}}  {'state':<15} {'exp':>3} {'kept':>4} {'best':>6} {'$':>6} {'when':>5}")
+    for r in rows:
+        state = f"{r['state']} {r['pid']}" if r["state"] == "running" and r["pid"] else r["state"]
+        click.echo(f"{r['run']:<{width}}  {state:<15} {r['proposals']:>3} {r['kept']:>4} {r['best_speedup']:>5.2f}x "
+                   f"{r['spent_usd']:>6.2f} {_when(r['updated']):>5}")
+
+
+def _when(iso: str) -> str:
+    """An event's time, local: HH:MM today, else MM-DD."""
+    import datetime as dt
+
+    if not iso:
+        return ""
+    t = dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone()
+    return t.strftime("%H:%M") if t.date() == dt.datetime.now().astimezone().date() else t.strftime("%m-%d")
 
 
 @cli.command()
-@click.argument("run_path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@RUN_ARGUMENT
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG to write")
-def report(run_path, out):
+@RUNS_OPTION
+def report(run_ref, out, runs_dir):
     """Write a progress plot of a run (every experiment, the running best, the noise band)."""
     from .report import write_report
+    from .runs import resolve
 
-    click.echo(f"wrote {write_report(run_path, out)}")
+    click.echo(f"wrote {write_report(resolve(run_ref, runs_dir), out)}")
+
+
+@cli.command()
+@RUNS_OPTION
+@click.option("--folders", is_flag=True, help="remove the run folders too (events, ledger, log, records)")
+@click.option("--kept", is_flag=True, help="also runs whose branch holds kept results (export them first)")
+@click.option("-n", "--dry-run", is_flag=True, help="say what would be removed; remove nothing")
+def clean(runs_dir, folders, kept, dry_run):
+    """Remove the worktrees and branches of the runs under --runs that no process owns.
+
+    A running run is never touched; a run with kept results is left alone unless --kept. Run
+    folders stay (`lab log` and `lab status` still show them) unless --folders."""
+    from .runs import clean as clean_runs
+
+    done = clean_runs(runs_dir, folders=folders, kept=kept, dry_run=dry_run)
+    for name, what in done:
+        click.echo(f"{name}: {what}")
+    if not done:
+        click.echo(f"nothing to clean under {runs_dir}/")
 
 
 @cli.command()
@@ -410,17 +494,19 @@ def publish(harness, registry, dockerfile, base_image, tag, as_json):
 
 
 @cli.command()
-@click.argument("run_path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@RUN_ARGUMENT
 @click.option("--experiment", help="commit (prefix) or number of the experiment (default: the last kept)")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="bundle file to write")
-def export(run_path, experiment, out):
+@RUNS_OPTION
+def export(run_ref, experiment, out, runs_dir):
     """Write a bundle of a kept result that a colleague can reproduce with one command."""
     from .bundle import export as export_bundle
     from .harness import load
-    from .store import RunFolder
+    from .runs import open_run
 
-    harness = load(RunFolder.open(run_path).meta["harness_root"])
-    click.echo(f"wrote {export_bundle(run_path, harness, experiment, out)}")
+    folder = open_run(run_ref, runs_dir, worktree=True)
+    harness = load(folder.meta["harness_root"])
+    click.echo(f"wrote {export_bundle(folder.path, harness, experiment, out)}")
 
 
 @cli.command()
@@ -528,15 +614,14 @@ def parse_duration(text: str) -> float:
 @click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
               help="where evaluations run (default local; ray: tasks on the cluster at --address)")
 @click.option("--address", default=None, help="the Ray cluster's head, HOST:PORT")
-@click.option("--resume", "resume_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="continue this run folder")
+@click.option("--resume", "resume_ref", metavar="RUN", help="continue this run (its name or folder)")
 @click.option("--quiet", is_flag=True)
 @ENV_OPTION
 @RUNS_OPTION
 @NO_SANDBOX_OPTION
 def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agent_effort, agent_max_tokens,
         no_thinking, max_episode_usd, max_api_wait, model_path, web_search, delta,
-        gpu_index, gpus_text, executor, address, resume_path, quiet, env_name, runs_dir, no_sandbox):
+        gpu_index, gpus_text, executor, address, resume_ref, quiet, env_name, runs_dir, no_sandbox):
     """The main job: let an agent hill-climb HARNESS until a budget ends.
 
     With --resume RUN the run keeps every setting it was started with (agent, models, limits, env,
@@ -545,20 +630,22 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agen
     model. One process owns a run folder at a time."""
     # --no-sandbox is never taken from a run's record: a resumed run is sandboxed unless the user
     # says so again on this command line.
-    from .agents import make_agent
+    from .agents import AgentFatal, make_agent
     from .envs import get
+    from .errors import EnvironmentUnavailable, MissingExtra
     from .executors import make_executor
     from .harness import load
     from .loop import Lab, Settings
+    from .runs import open_run, resume_command
 
     ctx = click.get_current_context()
     given = _given_settings(ctx)  # bad input (a budget, GPUs) is refused before anything starts
     total_budget = given["budget_s"]
-    if resume_path:
-        from .store import RunFolder
-
-        folder = RunFolder.open(resume_path)
+    resume_path = None
+    if resume_ref:
+        folder = open_run(resume_ref, runs_dir, worktree=True)
         folder.hold()  # a second owner stops here, before an agent or a measurement exists
+        resume_path = folder.path
         harness = harness or folder.meta.get("harness_root")
         values, total_budget = _resumed_settings(ctx, folder, given)
     else:
@@ -571,13 +658,27 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agen
         raise click.UsageError("name a harness (see `lab harnesses`) or give --resume RUN")
     isolation = _sandbox(no_sandbox, values["env"])  # no sandbox here and no --no-sandbox: stop now
     h = load(harness, model=model_path)  # a resumed run takes its recorded model (Lab.resume)
-    h.preflight()  # no GPU: stop now, before an agent or a run folder exists
+    # What this machine lacks for the run (a GPU, a key) stops it before an agent or a run folder
+    # exists, all of it said at once, with the command that works here instead.
+    missing = []
+    try:
+        h.preflight()
+    except EnvironmentUnavailable as exc:
+        missing.append(str(exc))
+    harness_runs = not missing
     env = get(values["env"], h)
-    env.preflight()
-    agent = make_agent(values["agent"], model=values.get("model"), web_search=values.get("web_search", False),
-                       effort=values.get("agent_effort"), max_tokens=values.get("agent_max_tokens"),
-                       thinking=values.get("thinking", True), max_episode_usd=values.get("max_episode_usd"),
-                       max_api_wait_s=values.get("max_api_wait_s"))  # no key: stops here
+    if harness_runs:
+        env.preflight()
+    try:
+        agent = make_agent(values["agent"], model=values.get("model"), web_search=values.get("web_search", False),
+                           effort=values.get("agent_effort"), max_tokens=values.get("agent_max_tokens"),
+                           thinking=values.get("thinking", True), max_episode_usd=values.get("max_episode_usd"),
+                           max_api_wait_s=values.get("max_api_wait_s"))
+    except (AgentFatal, MissingExtra) as exc:  # no key, no anthropic package
+        missing.append(str(exc))
+    if missing:
+        instead = "" if resume_path else _what_works_instead(harness, h, harness_runs)
+        raise EnvironmentUnavailable("; ".join(missing) + instead)
     settings = Settings(**values)
     # the slots: a missing GPU, a busy one, a Ray address that does not answer stop here
     workers, slots = make_executor(h, env, settings)
@@ -596,16 +697,88 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agen
     plan = _print_agent_plan(agent, settings.budget_s, settings.max_usd)
     if plan:  # in log.md too, for the morning
         lab.folder.append("note", kind="agent_plan", text=plan.replace("\n", "; "))
+    def resume() -> str:
+        return "resume: " + _command(*resume_command(lab.folder, runs_dir, no_sandbox))
+
     started = time.monotonic()
-    if quiet:
-        reason = lab.loop(agent, started=started)
-    else:
-        with view:
+    try:
+        if quiet:
             reason = lab.loop(agent, started=started)
+        else:
+            with view:
+                reason = lab.loop(agent, started=started)
+    except KeyboardInterrupt:  # the second Ctrl-C (loop.Interrupts), caught here before Click makes it an Abort
+        lab.folder.append("run_stopped", reason="abandoned by a second Ctrl-C; the evaluation in flight "
+                                                "is evaluated again on resume")
+        lab.folder.render()
+        click.echo(resume(), err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # a fatal error: the run folder stays consistent and resumable
+        lab.folder.append("run_stopped", reason=f"error: {exc}"[:1000])
+        lab.folder.render()
+        if not isinstance(exc, LabError):
+            click.echo(resume(), err=True)
+            raise  # a bug: its traceback
+        click.echo(f"error: {exc}", err=True)
+        click.echo(resume(), err=True)
+        sys.exit(EXIT_REFUSED)
     summary = lab.summary()
     click.echo(f"stopped: {reason}")
     _print_summary(summary)
     click.echo(f"sandbox: {isolation}")
+    click.echo(resume())
+
+
+def _program() -> list[str]:
+    """How this lab was started, for a command to copy: `lab` where that is the one on PATH, else
+    as typed (`.venv/bin/lab`), else `python -m lab.cli` with this interpreter."""
+    import os
+    import shutil
+
+    argv0 = sys.argv[0]
+    if Path(argv0).name != "lab":
+        return [sys.executable, "-m", "lab.cli"]
+    on_path = shutil.which("lab")
+    return ["lab" if on_path and os.path.samefile(on_path, argv0) else argv0]
+
+
+def _command(*args: str) -> str:
+    """A lab command line to copy and paste, as this lab was started."""
+    import shlex
+
+    return shlex.join([*_program(), *args])
+
+
+def _shown(path: Path) -> str:
+    """A path as a person would type it here: relative below the current folder, else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+EXAMPLE_BUDGET = "10m"  # the CPU example's run takes about a minute; its replay file ends it
+
+
+def _what_works_instead(harness_ref: str, harness, harness_runs: bool) -> str:
+    """The exact command that works on this machine in place of a run it cannot make: the CPU
+    example's replay where the harness cannot run here (no GPU), else the harness's own check
+    and its recorded patches, which need no key."""
+    from .harness import available, repo_root
+
+    example = repo_root() / "examples" / "cdot"
+    if not harness_runs:
+        if harness.root == example:
+            return ""
+        name = "cdot" if available().get("cdot") == example else _shown(example)
+        return (". What works on this machine instead (the CPU example, about a minute): `"
+                + _command("run", name, "--agent", f"replay:{_shown(example / 'replay.jsonl')}", "--budget",
+                           EXAMPLE_BUDGET) + "`")
+    replay = next((p for p in (harness.root / "replay.jsonl", harness.root / "solutions" / "correct") if p.exists()), None)
+    text = f". What works on this machine instead: `{_command('check', harness_ref)}` (build and oracle)"
+    if replay:
+        budget = EXAMPLE_BUDGET if harness.root == example else "1h"
+        text += (f", or `{_command('run', harness_ref, '--agent', f'replay:{_shown(replay)}', '--budget', budget)}` "
+                 "(its recorded patches, no key needed)")
+    return text
 
 
 # The run's options that are settings (Settings fields), by their Click parameter names.
@@ -717,18 +890,15 @@ def _print_summary(s: dict) -> None:
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort:  # Click's form of a Ctrl-C (lab run answers its own: loop.Interrupts)
         click.echo("aborted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except LabError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("stopped now; the run folder is consistent: resume it with `lab run --resume RUN`", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_REFUSED)
 
 
 if __name__ == "__main__":

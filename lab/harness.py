@@ -292,8 +292,10 @@ def repo_root() -> Path:
 
 
 def search_path() -> list[Path]:
+    """Where harnesses are found by name, first match wins: $LAB_HARNESS_PATH, ./harnesses, the
+    lab's own harnesses, then its examples (cdot: the CPU harness of the README's quickstart)."""
     paths = [Path(p) for p in os.environ.get("LAB_HARNESS_PATH", "").split(os.pathsep) if p]
-    paths += [Path.cwd() / "harnesses", repo_root() / "harnesses"]
+    paths += [Path.cwd() / "harnesses", repo_root() / "harnesses", repo_root() / "examples"]
     seen, out = set(), []
     for p in paths:
         r = p.resolve()

@@ -18,6 +18,7 @@ re-applied onto the new one and timed again, or rejected as "stale" when it no l
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import signal
 import statistics
@@ -56,17 +57,6 @@ def _oracle_lines(event: dict, count: int = 6) -> str:
 
 STATUS_OF = {KEEP: "keep", SAME: "discard", WORSE: "discard", FAIL: "fail", CRASH: "crash",
              TIMEOUT: "crash"}
-
-
-def confirmed(verdict: Verdict, first: Outcome, confirmation: Outcome) -> Verdict:
-    """A KEEP stands only when the confirming run (a fresh process, fresh seeds, the same slot)
-    says KEEP too, on a machine of the first run's fingerprint; otherwise it is SAME, saying why."""
-    differ = differences(first.evaluation.fingerprint, confirmation.evaluation.fingerprint)
-    if confirmation.verdict.status == KEEP and not differ:
-        return verdict
-    why = (f"the confirming run ran on another machine ({', '.join(differ[:3])})" if differ else
-           f"the confirming run said {confirmation.verdict.status}")
-    return Verdict.from_dict({**verdict.to_dict(), "status": SAME, "reason": f"not confirmed: {why}"})
 
 
 @dataclass
@@ -186,7 +176,11 @@ class RunState:
 
 class Interrupts:
     """Ctrl-C once: finish the experiment in flight, record it, stop. Twice: stop now (the
-    runner's process group is killed; the run stays consistent and resumable)."""
+    runner's process group is killed; the run stays consistent and resumable). Each is answered
+    at once on stderr: the evaluation in flight may take minutes."""
+
+    FIRST = "stopping after the evaluation in flight; Ctrl-C again to abandon it"
+    SECOND = "abandoning the evaluation in flight (it is evaluated again on resume)"
 
     def __init__(self):
         self.requested = False
@@ -197,15 +191,27 @@ class Interrupts:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        _clock.stop_waiting.set()  # an agent waiting out an API outage gives up now
+        # The state changes before anything is said: a second Ctrl-C that lands while the first
+        # is being answered (a handler runs inside another) still abandons.
+        first, self.requested = not self.requested, True
+        if first:
+            _clock.stop_waiting.set()  # an agent waiting out an API outage gives up now
+            _tell(self.FIRST)
+            return
+        _tell(self.SECOND)
+        raise KeyboardInterrupt
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self._previous or signal.SIG_DFL)
         _clock.stop_waiting.clear()
         return False
+
+
+def _tell(text: str) -> None:
+    """One line on stderr from a signal handler: straight to the file descriptor, never through
+    sys.stderr, whose buffer the handler may have interrupted mid-write (or that a handler
+    running inside another would enter twice)."""
+    os.write(2, (text + "\n").encode())
 
 
 def _model_record(harness: Harness) -> dict | None:
@@ -502,7 +508,9 @@ class Lab:
         self.say(f"#{number}: KEEP{self._on(slot)}; confirming in a fresh process on fresh seeds")
         confirmation = self._run(slot, f"{label}-confirm", "evaluate", tree, staged.incumbent,
                                  staged.delta, node=result.worker.get("node")).outcome
-        return result, confirmed(verdict, result.outcome, confirmation), confirmation
+        differ = differences(result.outcome.evaluation.fingerprint, confirmation.evaluation.fingerprint)
+        refused = f"the confirming run ran on another machine ({', '.join(differ[:3])})" if differ else ""
+        return result, stats.confirm(verdict, confirmation.verdict, refused), confirmation
 
     def _decide(self, slot: Slot, ws: Workspace, proposal: Proposal, number: int, staged: Staged,
                 result: Result, verdict: Verdict, confirmation: Outcome | None, seconds: float) -> dict:

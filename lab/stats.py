@@ -142,6 +142,21 @@ def decide(x, delta: float, *, confidence: float = DEFAULT_CONFIDENCE, min_pairs
     return verdict
 
 
+def confirm(verdict: Verdict, confirmation: Verdict, refused: str = "") -> Verdict:
+    """A KEEP after its confirming run (a fresh process on fresh seeds): still KEEP, saying it
+    was confirmed, when that run said KEEP too and nothing else (`refused`) speaks against it;
+    else SAME, saying why."""
+    if confirmation.status != KEEP or refused:
+        why = refused or f"the confirming run said {confirmation.status}"
+        return Verdict.from_dict({**verdict.to_dict(), "status": SAME, "reason": f"not confirmed: {why}"})
+    speedup = math.exp(-verdict.median)
+    reason = "confirmed in a fresh process on fresh seeds" + (
+        f" ({math.exp(-confirmation.median):.2f}x there)" if confirmation.median is not None else "")
+    if speedup > BIG_GAIN:
+        reason += f"; above {BIG_GAIN}x in one step: worth reading the diff"
+    return Verdict.from_dict({**verdict.to_dict(), "reason": reason})
+
+
 def should_stop(x, delta: float, *, elapsed_s: float, min_pairs: int, min_seconds: float,
                 max_seconds: float, confidence: float = DEFAULT_CONFIDENCE) -> bool:
     """Stop timing when the CI is narrow (half-width < delta/2) after the minimums, or at the budget.

@@ -134,6 +134,25 @@ class RunFolder:
         f.flush()
         _HELD[key] = f
 
+    def owner(self) -> int | None:
+        """The pid of the live process that owns this folder (`hold`), 0 when its pid is not yet
+        written, None when no process owns it. A shared lock is tried and dropped at once: readers
+        never wait, and a process taking ownership at that very instant is refused as busy."""
+        if str(self.path.resolve()) in _HELD:
+            return os.getpid()
+        try:
+            f = open(self.path / OWNER_FILE)
+        except FileNotFoundError:
+            return None  # never owned
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                words = f.read().split()
+                return int(words[1]) if len(words) > 1 and words[0] == "process" and words[1].isdigit() else 0
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
     @property
     def meta(self) -> dict:
         return json.loads((self.path / RUN_FILE).read_text())

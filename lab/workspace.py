@@ -75,7 +75,7 @@ def _strip_prefix(p: str) -> str:
 def guard_patch(patch: str, harness: Harness) -> list[str]:
     """Reject what no candidate may do; returns the touched paths (relative to the harness)."""
     if not patch.strip():
-        raise PatchRejected("empty patch")
+        raise PatchRejected("empty patch", "it holds no diff; make one with `git diff > idea.patch` in the harness folder")
     if "\0" in patch:
         raise PatchRejected("binary patch", "the patch holds a NUL byte")
     for line in patch.splitlines():
@@ -125,6 +125,28 @@ def apply_patch(patch: str, tree: Path, harness: Harness) -> list[str]:
     Raises PatchRejected, leaving `tree` as it was, when the guard refuses the patch, when it does
     not apply, or when a file it names comes out unchanged (a patch never silently applies to
     nothing)."""
+    paths, after, modes = _patched(patch, tree, harness)
+    for rel in paths:
+        dest = Path(tree) / rel
+        if os.path.lexists(dest):
+            dest.unlink()
+        if after[rel] is not None:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(after[rel])
+            if rel in modes:
+                dest.chmod(modes[rel])
+    return paths
+
+
+def check_patch(patch: str, tree: Path, harness: Harness) -> list[str]:
+    """What apply_patch would do to `tree`, without doing it: the paths it would change, or
+    PatchRejected. `lab try` asks this before it measures anything."""
+    return _patched(patch, tree, harness)[0]
+
+
+def _patched(patch: str, tree: Path, harness: Harness) -> tuple[list[str], dict, dict]:
+    """`patch` guarded and applied in a scratch repository to copies of the files of `tree` it
+    names: (paths, their bytes after it or None where it deletes them, their modes before)."""
     paths = guard_patch(patch, harness)
     tree = Path(tree)
     root = tree.resolve()
@@ -170,16 +192,7 @@ def apply_patch(patch: str, tree: Path, harness: Harness) -> list[str]:
         unchanged = [rel for rel in paths if after[rel] == before[rel]]
         if unchanged:
             raise PatchRejected("applies to nothing", f"{', '.join(unchanged)} unchanged by the patch")
-    for rel in paths:
-        dest = tree / rel
-        if os.path.lexists(dest):
-            dest.unlink()
-        if after[rel] is not None:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(after[rel])
-            if rel in modes:
-                dest.chmod(modes[rel])
-    return paths
+    return paths, after, modes
 
 
 def _files_under(tree: Path) -> list[str]:

@@ -11,7 +11,7 @@
 #
 # Run from the repository root:   OUT=/tmp/colleague bash scripts/colleague_check.sh
 # (HARNESS and REPLAY choose another harness and patch list, e.g. on a CPU:
-#  HARNESS=tests/harnesses/cdot REPLAY=tests/harnesses/cdot/solutions/correct.)
+#  HARNESS=examples/cdot REPLAY=examples/cdot/solutions/correct.)
 # Writes under $OUT: gpu.txt, versions.txt, run_a.log, export_a.log, the bundle, reproduce_b.json,
 # reproduce_b.log, reproduce_b_table.txt, summary.txt. Exits with lab reproduce's code (0: reproduced;
 # 2 refused; 3 incorrect; 4 outputs differ; 5 artifact differs; 6 speedup not reproduced), or 10/11

@@ -10,7 +10,7 @@ from lab.harness import load, write_lock
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-CDOT = HERE / "harnesses" / "cdot"
+CDOT = REPO / "examples" / "cdot"  # the shipped example harness, which the tests use too
 
 
 def _has_gpu() -> bool:
@@ -59,6 +59,22 @@ def make_cdot_repo(repo: Path) -> Path:
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "base")
     return repo
+
+
+def snapshot_repo(dest: Path) -> Path:
+    """A repository at `dest` holding this checkout's files as they are now (tracked and new, not
+    ignored), committed: what a colleague or a new user would clone."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file() and not src.is_symlink():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    git(dest.parent, "init", "-q", "-b", "main", str(dest))
+    git(dest, "add", "-A")
+    git(dest, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "the lab")
+    return dest
 
 
 @pytest.fixture

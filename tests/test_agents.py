@@ -18,7 +18,7 @@ from lab.errors import LabError  # noqa: E402
 from lab.records import Build  # noqa: E402
 from lab.workspace import patch_paths  # noqa: E402
 
-CDOT = Path(__file__).parent / "harnesses" / "cdot"
+CDOT = Path(__file__).resolve().parent.parent / "examples" / "cdot"
 KEY = "sk-ant-" + "test-Zq7SECRETkey0123456789"  # fake; split so no tracked line looks like a key
 OLD = "    double s = 0.0;\n    for (long i = 0; i < n; i++)\n        s += x[i] * x[i];\n    return s;\n"
 NEW = ("    double s0 = 0.0, s1 = 0.0;\n    long i = 0;\n    for (; i + 1 < n; i += 2) {\n"

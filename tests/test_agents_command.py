@@ -14,7 +14,7 @@ from lab.workspace import patch_paths
 
 from conftest import git_apply_in_copy
 
-CDOT = Path(__file__).parent / "harnesses" / "cdot"
+CDOT = Path(__file__).resolve().parent.parent / "examples" / "cdot"
 
 
 @pytest.fixture

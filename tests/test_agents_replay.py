@@ -13,7 +13,7 @@ from lab.errors import LabError
 
 from conftest import git_apply_in_copy
 
-CDOT = Path(__file__).parent / "harnesses" / "cdot"
+CDOT = Path(__file__).resolve().parent.parent / "examples" / "cdot"
 
 
 def context(tmp_path, tried=()):

@@ -19,7 +19,7 @@ from pathlib import Path
 from lab.harness import load, stage_editable
 from lab.runner import build_cached
 
-from conftest import CDOT, REPO, git
+from conftest import CDOT, git, snapshot_repo
 
 
 
@@ -39,23 +39,6 @@ def test_one_source_built_in_two_folders_gives_one_artifact(tmp_path):
     assert len(set(hashes)) == 1, hashes
 
 
-def _origin(tmp_path: Path) -> Path:
-    """A repository holding this checkout's files as they are now (tracked and new, not ignored),
-    committed: what a colleague would clone."""
-    origin = tmp_path / "origin"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        src = REPO / rel
-        if src.is_file() and not src.is_symlink():
-            (origin / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, origin / rel)
-    git(tmp_path, "init", "-q", "-b", "main", str(origin))
-    git(origin, "add", "-A")
-    git(origin, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "the lab")
-    return origin
-
-
 def _lab(clone: Path, cache: Path, *args, timeout=900):
     env = {**os.environ, "PYTHONPATH": str(clone), "LAB_CACHE": str(cache), "ANTHROPIC_API_KEY": ""}
     return subprocess.run([sys.executable, "-m", "lab.cli", *args], cwd=clone, env=env,
@@ -63,14 +46,14 @@ def _lab(clone: Path, cache: Path, *args, timeout=900):
 
 
 def test_a_colleague_reproduces_a_kept_result_from_another_checkout(tmp_path):
-    origin = _origin(tmp_path)
+    origin = snapshot_repo(tmp_path / "origin")
     alice, bob = tmp_path / "alice" / "lab", tmp_path / "bob" / "src" / "lab"
     for clone in (alice, bob):
         git(tmp_path, "clone", "-q", str(origin), str(clone))
         git(clone, "config", "user.email", "t@t")
         git(clone, "config", "user.name", "t")
-    ran = _lab(alice, tmp_path / "alice" / "cache", "run", "tests/harnesses/cdot",
-               "--agent", "replay:tests/harnesses/cdot/solutions/correct",
+    ran = _lab(alice, tmp_path / "alice" / "cache", "run", "examples/cdot",
+               "--agent", "replay:examples/cdot/solutions/correct",
                "--budget", "15m", "--max-experiments", "1", "--delta", "0.02", "--quiet")
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     run_dir = next((alice / "runs").glob("cdot-*"))
@@ -83,7 +66,7 @@ def test_a_colleague_reproduces_a_kept_result_from_another_checkout(tmp_path):
     shared = tmp_path / "bob" / "inbox" / bundle.name
     shared.parent.mkdir(parents=True)
     shutil.copy(bundle, shared)
-    out = _lab(bob, tmp_path / "bob" / "cache", "reproduce", str(shared), "--harness", "tests/harnesses/cdot", "--json")
+    out = _lab(bob, tmp_path / "bob" / "cache", "reproduce", str(shared), "--harness", "examples/cdot", "--json")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads(out.stdout)
     with tarfile.open(shared) as tar:

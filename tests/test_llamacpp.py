@@ -449,6 +449,8 @@ def test_gpu_idle_share_averages_the_readings_inside_the_generation(lc, tmp_path
     bench.write_text("#!/bin/sh\nsleep 1.2\n"
                      "echo '{\"n_prompt\": 0, \"n_gen\": 1024, \"samples_ns\": [500000000, 500000000]}'\n")
     bench.chmod(0o755)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    tmp_path.chmod(0o755)  # a build folder: readable by the sandbox's user
 
     class FakeNVML:
         class NVMLError(Exception):
@@ -467,6 +469,30 @@ def test_gpu_idle_share_averages_the_readings_inside_the_generation(lc, tmp_path
     assert "tg1024 x 2, 0.49 ms per token" in line
     monkeypatch.setattr(telemetry, "open_nvml", lambda: None)
     assert profile.gpu_busy(tmp_path, tmp_path / "m.gguf") == "GPU idle between kernels: no NVML here"
+
+
+@pytest.mark.skipif(shutil.which("perf") is None, reason="perf is not installed (linux-perf)")
+def test_cpu_profile_runs_the_build_in_the_sandbox(lc, tmp_path):
+    """The profile runs the candidate's llama-bench (here a fake that burns CPU, then tries to
+    leave a file in the host's folder) under perf, inside the sandbox: the digest comes back and
+    the file is not written."""
+    import importlib
+
+    profile = importlib.import_module(lc["oracle"].__name__.rsplit(".", 1)[0] + ".profile")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    marker = tmp_path / "escaped"
+    (bindir / "llama-bench").write_text(
+        "#!/bin/sh\ni=0; while [ $i -lt 300000 ]; do i=$((i+1)); done\n"
+        f"echo x > {marker} 2>/dev/null\n"
+        "echo '{\"n_gen\": 128, \"avg_ts\": 5.5}'\n")
+    (bindir / "llama-bench").chmod(0o755)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    digest = profile.cpu_digest(bindir, model, 1, "0x1")
+    assert digest.startswith("profile: perf, cpu-clock samples"), digest
+    assert "5.5 tokens/s" in digest and "by kind" in digest, digest
+    assert not marker.exists()
 
 
 # --- the driver: the timed run is the checked run (issue 20) -----------------------------------------

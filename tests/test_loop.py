@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,15 +125,110 @@ def test_kill_9_mid_evaluation_then_resume(cdot, cdot_repo, tmp_path):
     ]) + "\n")
     run_dir = kill_9_when_evaluating(cdot, cdot_repo, replay, evaluating=1)
 
-    shown = lab_cli("log", str(run_dir))
+    shown = lab_cli("log", run_dir.name, cwd=cdot_repo)  # by name, under the default runs/
     assert shown.returncode == 0, shown.stderr
     folder = RunFolder.open(run_dir)
     events = folder.events()
     assert events[-1]["type"] == "evaluating" and not any(e["type"] == "evaluated" for e in events)
+    assert _state(cdot_repo) == "died"
 
-    resumed = lab_cli("run", "--resume", str(run_dir), "--agent", f"replay:{replay}", "--quiet")
+    resumed = lab_cli("run", "--resume", run_dir.name, "--agent", f"replay:{replay}", "--quiet", cwd=cdot_repo)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert _state(cdot_repo) == "stopped"
     events = folder.events()
     numbers = [e["number"] for e in events if e["type"] == "evaluated"]
     assert numbers.count(1) == 1, "the interrupted experiment is finished exactly once"
     assert len([e for e in events if e["type"] == "proposed" and e["number"] == 1]) == 1
+
+
+def _state(cdot_repo) -> str:
+    out = lab_cli("status", "--json", cwd=cdot_repo)
+    assert out.returncode == 0, out.stderr
+    (run,) = json.loads(out.stdout)
+    return run["state"]
+
+
+class Lines:
+    """A process's stderr, line by line, each with the time it arrived."""
+
+    def __init__(self, stream):
+        self.lines: list[tuple[float, str]] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream):
+        for line in stream:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def wait_for(self, text: str, timeout: float) -> float:
+        """When a line holding `text` arrived (waiting up to `timeout` s for it)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for at, line in list(self.lines):
+                if text in line:
+                    return at
+            time.sleep(0.02)
+        raise AssertionError(f"no line with {text!r} within {timeout} s: {[x for _, x in self.lines]}")
+
+    def text(self) -> str:
+        self._thread.join(10)
+        return "\n".join(x for _, x in self.lines)
+
+
+def _stdout(proc, timeout: float) -> str:
+    """The process's stdout once it ended (its stderr is Lines's alone: communicate would read it too)."""
+    proc.wait(timeout)
+    return proc.stdout.read()
+
+
+def _run_until_evaluating(cdot, cdot_repo, patches):
+    """`lab run` of cdot over `patches` (solution names), started as a person would start it
+    (quiet, its own session so that only it gets our SIGINT); returns once #1 is evaluating."""
+    replay = cdot_repo.parent / "replay.jsonl"
+    replay.write_text("".join(json.dumps({"patch_file": str(CDOT / "solutions" / p)}) + "\n" for p in patches))
+    proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "run", "cdot", "--agent", f"replay:{replay}",
+                             "--budget", "10m", "--delta", "0.05", "--quiet"],
+                            cwd=cdot_repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    err = Lines(proc.stderr)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((cdot_repo / "runs").glob("cdot-*/events.jsonl"))
+        if found and '"type":"evaluating"' in found[0].read_text():
+            return proc, err, found[0].parent
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no evaluation started: {proc.communicate()[0][-2000:]} {err.text()[-2000:]}")
+
+
+def test_ctrl_c_is_answered_at_once_and_the_evaluation_in_flight_is_finished(cdot, cdot_repo):
+    proc, err, run_dir = _run_until_evaluating(cdot, cdot_repo, ["wrong/slower.patch", "correct/two-accumulators.patch"])
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    answered = err.wait_for("stopping after the evaluation in flight; Ctrl-C again to abandon it", 10)
+    assert answered - sent < 2.0, f"answered after {answered - sent:.1f} s"
+    out = _stdout(proc, timeout=300)
+    assert proc.returncode == 0, out + err.text()
+    events = RunFolder.open(run_dir).events()
+    assert [e["number"] for e in events if e["type"] == "evaluated"] == [1], "#1 finished, #2 never asked for"
+    assert events[-1]["type"] == "run_stopped" and events[-1]["reason"] == "stopped by Ctrl-C"
+    assert f"resume: {sys.executable} -m lab.cli run --resume {run_dir.name}\n" in out, out
+    assert _state(cdot_repo) == "stopped"
+
+
+def test_a_second_ctrl_c_abandons_the_evaluation_and_says_how_to_resume(cdot, cdot_repo):
+    proc, err, run_dir = _run_until_evaluating(cdot, cdot_repo, ["wrong/hang.patch"])  # would take 60 s
+    os.kill(proc.pid, signal.SIGINT)
+    err.wait_for("Ctrl-C again to abandon it", 10)
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    out = _stdout(proc, timeout=30)
+    assert time.monotonic() - sent < 15, "the evaluation in flight was abandoned, not waited for"
+    assert proc.returncode == 130, out + err.text()
+    text = err.text()
+    assert "abandoning the evaluation in flight" in text and "aborted" not in text, text
+    assert f"resume: {sys.executable} -m lab.cli run --resume {run_dir.name}" in text, text
+    events = RunFolder.open(run_dir).events()
+    assert not any(e["type"] == "evaluated" for e in events)
+    assert events[-1]["type"] == "run_stopped" and "second Ctrl-C" in events[-1]["reason"]
+    assert _state(cdot_repo) == "stopped"

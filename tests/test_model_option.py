@@ -17,8 +17,8 @@ def _model(folder: Path, text, name="short.txt") -> Path:
     return path
 
 
-def _json(out):
-    assert out.returncode == 0, out.stderr
+def _json(out, exit_code=0):
+    assert out.returncode == exit_code, out.stderr
     return json.loads(out.stdout)
 
 
@@ -56,13 +56,15 @@ def test_a_bad_model_or_a_harness_without_one_is_one_clear_line(cdot, cdot_repo,
 
 def test_a_run_keeps_its_model_when_resumed(cdot, cdot_repo, tmp_path):
     model = _model(tmp_path, 4096)
-    first = _json(lab_cli("try", str(cdot.root), str(NO_COMPILE), "--model", str(model), "--json", cwd=cdot_repo))
+    first = _json(lab_cli("try", str(cdot.root), str(NO_COMPILE), "--model", str(model), "--json", cwd=cdot_repo),
+                  exit_code=1)  # measured (FAIL), not kept
     run = Path(first["run"]) if Path(first["run"]).is_absolute() else cdot_repo / first["run"]
     meta = json.loads((run / "run.json").read_text())
     assert meta["workload_model"]["path"] == str(model) and meta["workload_model"]["elements"] == 4096
 
     # resumed without --model: the recorded file, checked by its sha256
-    again = _json(lab_cli("try", str(cdot.root), str(SKIP_HALF), "--run", str(run), "--json", cwd=cdot_repo))
+    again = _json(lab_cli("try", str(cdot.root), str(SKIP_HALF), "--run", str(run), "--json", cwd=cdot_repo),
+                  exit_code=1)
     assert again["event"]["verdict"]["status"] == "FAIL"
     assert _read(run, again["event"]["record"])["work"]["elements"] == 4096
 

@@ -311,3 +311,19 @@ def test_noise_report_is_plain_json():
     assert report["noise_floor"] == stats.noise_floor(x)
     assert report["delta"] == stats.delta_for(report["noise_floor"])
     assert 0 < report["iqr"] and 0 < report["sd"] and 0 < report["mde"]
+
+
+def test_a_confirmed_keep_says_so_and_an_unconfirmed_one_is_same():
+    from lab.stats import BIG_GAIN, confirm, decide
+
+    keep = decide(np.full(40, -0.7) + np.linspace(-0.01, 0.01, 40), 0.01)
+    assert keep.status == "KEEP" and "confirm in a fresh process" in keep.reason and math.exp(0.7) > BIG_GAIN
+    again = decide(np.full(40, -0.65) + np.linspace(-0.01, 0.01, 40), 0.01)
+    confirmed = confirm(keep, again)
+    assert confirmed.status == "KEEP" and confirmed.median == keep.median
+    assert confirmed.reason.startswith("confirmed in a fresh process on fresh seeds (1.92x there)")
+    assert "review the diff and confirm" not in confirmed.reason and "; confirm" not in confirmed.reason
+    assert confirm(keep, decide(np.zeros(40) + np.linspace(-0.01, 0.01, 40), 0.01)).reason == \
+        "not confirmed: the confirming run said SAME"
+    refused = confirm(keep, again, "the confirming run ran on another machine (cpu.model)")
+    assert (refused.status, refused.reason) == ("SAME", "not confirmed: the confirming run ran on another machine (cpu.model)")

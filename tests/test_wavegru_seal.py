@@ -172,6 +172,22 @@ def test_buffers_sit_at_fresh_offsets(wg):
     assert len(offsets) > 10 and all(o % 256 == 0 for o in offsets)
 
 
+def test_both_sides_of_a_pair_share_a_placement_that_changes_per_pair(wg):
+    """A timed sample's buffers start at an offset drawn from the pair's seed: the two sides of
+    a pair (same seed) sit at one offset, so what an address costs cancels in their ratio, and
+    the offset still moves from pair to pair (nothing can key a cache on it)."""
+    torch = pytest.importorskip("torch")
+    dev, oracle = wg["device"], wg["oracle"]
+
+    def start(seed):
+        arena = dev.Arena(torch, [("x", 10, torch.float32)], device="cpu",
+                          placement=oracle.derive(seed, "placement"))
+        return arena.spans["x"][0]
+
+    assert start(12345) == start(12345)
+    assert len({start(seed) for seed in range(40)}) > 10
+
+
 # --- every timed sample settled ------------------------------------------------------------------
 def _out(T=64, seed=0):
     rng = np.random.default_rng(seed)

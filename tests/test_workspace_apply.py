@@ -119,7 +119,7 @@ def test_only_regular_files_in_lab_try(cdot, cdot_repo, tmp_path):
             patch.write_text(text)
             out = lab_cli("try", str(cdot.root), str(patch), "--json", *(["--run", str(run)] if run else []),
                           cwd=cdot_repo)
-            assert out.returncode == 0, out.stderr
+            assert out.returncode == 2, out.stderr  # refused
             data = json.loads(out.stdout)
             assert data["event"]["type"] == "rejected" and data["event"]["reason"] == reason, data["event"]
             run = cdot_repo / data["run"]  # an absolute path stays itself

@@ -67,6 +67,14 @@ class LlamaCpp(Harness):
     oracle_seeds = 2
     model_help = "a GGUF model file"
 
+    def is_editable(self, relpath: str) -> bool:
+        """The backends' sources, not their build files: CMake runs what a CMakeLists.txt says
+        while the shared build folder and the compiler cache are writable, so a candidate that
+        could edit one could plant objects for every later build. Sources only compile; none of
+        a candidate's code runs at build time."""
+        name = relpath.rsplit("/", 1)[-1]
+        return super().is_editable(relpath) and name != "CMakeLists.txt" and not name.endswith(".cmake")
+
     def __init__(self, root: Path):
         super().__init__(root)
         cuda = self.backend == "cuda"

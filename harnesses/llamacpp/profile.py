@@ -14,22 +14,23 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from . import bench
+from lab import sandbox
+
+from . import bench, driver
 from .oracle import DECODE_OPS, backend_ops_args
 
-
-def clean_env() -> dict:
-    """No LLAMA_ARG_* or GGML_* overrides from the user's environment."""
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_", "GGML_"))}
+# Every process here runs the candidate's build (llama-bench, test-backend-ops), so each runs in
+# the same sandbox as the driver and the oracle's tools (driver.box): the build and the model
+# read-only, a scratch folder, nothing of the lab, a cleared environment (no LLAMA_/GGML_
+# overrides). perf runs inside with it and reads its own data file there: a candidate's process
+# can write that file, so the host never parses it.
+PROFILE_TIMEOUT_S = 600.0
 
 IDLE_N_GEN, IDLE_REPS = 1024, 3  # ~5 s of generation on an H200: many NVML readings
 NVML_POLL_S = 0.02
@@ -60,16 +61,18 @@ def _group(dso: str, symbol: str) -> str:
 def cpu_digest(bindir: Path, model: Path, threads: int, cpu_mask: str, top: int = 12) -> str:
     if shutil.which("perf") is None:
         return "profile: `perf` is not installed (apt-get install linux-perf); no per-op digest on this machine"
-    cmd = bench.command(bindir / "llama-bench", model, backend="cpu", threads=threads, cpu_mask=cpu_mask)
-    cmd[cmd.index("-r") + 1] = "3"
     with tempfile.TemporaryDirectory(prefix="lab-llamacpp-perf-") as tmp:
-        data = Path(tmp) / "perf.data"
-        rec = subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "1999", "-o", str(data), "--", *cmd],
-                             capture_output=True, text=True, env=clean_env(), timeout=600)
-        if rec.returncode != 0 or not data.exists():
+        sb = driver.box(bindir, model, gpu=False, extra=(sandbox.Bind(Path(tmp), "/out", writable=True),))
+        cmd = bench.command(Path(sb.path(bindir / "llama-bench")), Path(sb.path(model)), backend="cpu",
+                            threads=threads, cpu_mask=cpu_mask)
+        cmd[cmd.index("-r") + 1] = "3"
+        data = sb.path(Path(tmp) / "perf.data")
+        rec = sb.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "1999", "-o", data, "--", *cmd],
+                     driver.limits(PROFILE_TIMEOUT_S, gpu=False))
+        if not rec.ok:
             return f"profile: perf record failed ({(rec.stderr or '').strip()[-300:]})"
-        rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "dso,symbol",
-                              "--field-separator", "\t"], capture_output=True, text=True, timeout=300)
+        rep = sb.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "dso,symbol",
+                      "--field-separator", "\t"], driver.limits(PROFILE_TIMEOUT_S / 2, gpu=False))
     groups: dict[str, float] = defaultdict(float)
     symbols: list[tuple[float, str, str]] = []
     for line in rep.stdout.splitlines():
@@ -105,8 +108,9 @@ def gpu_busy(bindir: Path, model: Path, gpu_index: int = 0) -> str:
     handle = device_handle(nvml, gpu_index) if nvml is not None else None
     if handle is None:
         return "GPU idle between kernels: no NVML here"
-    cmd = [str(bindir / "llama-bench"), "-m", str(model), "-p", "0", "-n", str(IDLE_N_GEN), "-r", str(IDLE_REPS),
-           "-o", "jsonl", "-fa", "1", "-ngl", "99"]
+    sb = driver.box(bindir, model, gpu=True)
+    cmd = [sb.path(bindir / "llama-bench"), "-m", sb.path(model), "-p", "0", "-n", str(IDLE_N_GEN),
+           "-r", str(IDLE_REPS), "-o", "jsonl", "-fa", "1", "-ngl", "99"]
     readings: list[tuple[float, float]] = []
     done = threading.Event()
 
@@ -120,14 +124,14 @@ def gpu_busy(bindir: Path, model: Path, gpu_index: int = 0) -> str:
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=600)
+        proc = sb.run(cmd, driver.limits(PROFILE_TIMEOUT_S, gpu=True))
     finally:
         ended = time.monotonic()
         done.set()
         poller.join()
     row = next((r for r in bench.parse_rows(proc.stdout) if r.get("n_gen")), None)
     samples = bench.samples_ns(row) if row else None
-    if proc.returncode != 0 or not samples:
+    if not proc.ok or not samples:
         return f"GPU idle between kernels: llama-bench gave no generation row (exit {proc.returncode})"
     generating = sum(samples) / 1e9
     inside = [u for t, u in readings if ended - generating + 0.2 <= t <= ended - 0.05]
@@ -143,14 +147,14 @@ def gpu_busy(bindir: Path, model: Path, gpu_index: int = 0) -> str:
 
 def cuda_digest(bindir: Path, model: Path) -> str:
     out = [gpu_busy(bindir, model)]
+    sb = driver.box(bindir, model, gpu=True)
     for op in DECODE_OPS:
         args = backend_ops_args(op, model)
         if op == "MUL_MAT":  # decode multiplies one column: n=1
             args[-1] += r".*\bn=1,"
-        try:
-            proc = subprocess.run([str(bindir / "test-backend-ops"), "perf", "-b", "CUDA0", *args],
-                                  capture_output=True, text=True, env=clean_env(), timeout=PERF_OP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+        proc = sb.run([sb.path(bindir / "test-backend-ops"), "perf", "-b", "CUDA0", *args],
+                      driver.limits(PERF_OP_TIMEOUT_S, gpu=True))
+        if proc.timed_out:
             out.append(f"{op}: test-backend-ops perf ran past {PERF_OP_TIMEOUT_S:.0f} s; left out")
             continue
         rows = [l.strip() for l in proc.stdout.splitlines() if "us/run" in l]

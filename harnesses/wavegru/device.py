@@ -44,15 +44,21 @@ GUARD_BYTES = 64 << 10  # before and after every buffer the kernel gets
 ALIGN = 256
 
 
+PLACEMENTS = 64  # 256-byte-aligned offsets an arena's first buffer may start at
+
+
 class Arena:
     """Every buffer of one launch (or one weight set) in one fresh allocation, each between two
-    guard regions filled with a word drawn for this arena. The first buffer starts at a random
-    256-byte-aligned offset, so that nothing can key a cache on an address. `guard_problems`
-    names every guard a kernel wrote (a store past the end or before the start of a buffer)."""
+    guard regions filled with a word drawn for this arena. The first buffer starts at one of
+    PLACEMENTS aligned offsets, `placement` or a random one, so that nothing can key a cache on
+    an address. `guard_problems` names every guard a kernel wrote (a store past the end or
+    before the start of a buffer)."""
 
-    def __init__(self, torch, buffers: list[tuple[str, int, object]], device="cuda"):
+    def __init__(self, torch, buffers: list[tuple[str, int, object]], device="cuda",
+                 placement: int | None = None):
         self.torch = torch
-        offset = random.randrange(0, 64) * ALIGN
+        slot = random.randrange(0, PLACEMENTS) if placement is None else placement % PLACEMENTS
+        offset = slot * ALIGN
         self.spans, self.guards = {}, []
         for name, n, dtype in buffers:
             nbytes = n * torch.empty((), dtype=dtype).element_size()
@@ -115,16 +121,19 @@ class Launcher:
     """Owns the stream and the events; launches one loaded module. Every launch, oracle or
     timed, goes through `run`: the same buffers, guards and checks."""
 
-    def __init__(self, module: Module):
+    def __init__(self, module: Module, stream=None):
         torch = _torch()
         self.torch = torch
         self.module = module
-        self.stream = torch.cuda.Stream()
+        # Launchers that share a stream share the allocator's blocks of that stream: launched
+        # one after the other, they get their buffers at the same addresses.
+        self.stream = stream if stream is not None else torch.cuda.Stream()
         self.start, self.end = Event(), Event()
 
     def run(self, weights: DeviceWeights, noise, mode: int = MODE_GENERATE, teacher=None,
-            deadline_s: float = 30.0, what: str = "kernel") -> Outputs:
-        """noise: float32 [T, B, V] (numpy or a CUDA tensor); teacher: int [T, B] or None."""
+            deadline_s: float = 30.0, what: str = "kernel", placement: int | None = None) -> Outputs:
+        """noise: float32 [T, B, V] (numpy or a CUDA tensor); teacher: int [T, B] or None;
+        placement: where the buffers start (Arena), random when None."""
         torch = self.torch
         T, B, Vn = noise.shape
         if Vn != V:
@@ -134,7 +143,7 @@ class Launcher:
             bufs = [("noise", T * B * V, torch.float32), ("teacher", T * B, torch.int32),
                     ("tokens", T * B, torch.int32), ("p", T * B, torch.int32), ("h0", B * H, torch.int32),
                     ("h1", B * H, torch.int32), ("workspace", WORKSPACE_BYTES, torch.uint8)]
-            arena = Arena(torch, bufs)
+            arena = Arena(torch, bufs, placement=placement)
             arena["noise"].copy_(src)
             tch_src = None
             if teacher is not None:
@@ -184,6 +193,10 @@ class Launcher:
         except RuntimeError as exc:  # a sticky CUDA error surfaces at the copy
             raise KernelError(f"{what}: {exc}") from None
         return out
+
+    @staticmethod
+    def new_stream():
+        return _torch().cuda.Stream()
 
     def close(self):
         self.start.destroy()

@@ -1,6 +1,7 @@
-"""cdot: a tiny CPU harness for the lab's own tests (a compiled C function whose speed a patch
-changes). It follows the same contract as the real harnesses: the lab builds `work.c` with its
-own flags, checks it against numpy on secret seeds, and times fixed work on fresh inputs.
+"""cdot: the tiny CPU example harness, which the lab's own tests use too (a compiled C function
+whose speed a patch changes; the README's no-GPU quickstart runs it). It follows the same
+contract as the real harnesses: the lab builds `work.c` with its own flags, checks it against
+numpy on secret seeds, and times fixed work on fresh inputs.
 
 The candidate's code never runs in this (the runner's) process. The compiler runs in lab.sandbox
 with the staged `work.c` read-only and an empty scratch folder; the runner copies the library out.
@@ -61,7 +62,7 @@ class Worker:
 
 class CDot(Harness):
     name = "cdot"
-    description = "sum of squares in C (test harness)"
+    description = "sum of squares in C (the CPU example; the lab's tests use it too)"
     metric = Metric("calls_per_s", "calls/s", higher_is_better=True)
     editable = ("work.c",)
     model_help = "a text file holding the vector length (how the lab's tests exercise --model)"
