@@ -633,6 +633,7 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agen
     from .agents import AgentFatal, make_agent
     from .envs import get
     from .errors import EnvironmentUnavailable, MissingExtra
+    from .executors import make_executor
     from .harness import load
     from .loop import Lab, Settings
     from .runs import open_run, resume_command
@@ -651,8 +652,7 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agen
         values = {k: v for k, v in given.items() if v is not None}
     values["executor"] = values.get("executor") or "local"
     values["address"] = values.get("address") or ""
-    gpus, executor, address = values["gpus"], values["executor"], values["address"]
-    if executor == "ray" and not address:
+    if values["executor"] == "ray" and not values["address"]:
         raise click.UsageError("--executor ray needs --address HOST:PORT (the Ray head)")
     if not harness:
         raise click.UsageError("name a harness (see `lab harnesses`) or give --resume RUN")
@@ -680,24 +680,18 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agen
         instead = "" if resume_path else _what_works_instead(harness, h, harness_runs)
         raise EnvironmentUnavailable("; ".join(missing) + instead)
     settings = Settings(**values)
-    parallel = bool(gpus) or executor == "ray"
-    if parallel:  # a missing GPU, a busy one, a Ray address that does not answer: stop here
-        from .parallel import ParallelLab, make_executor
-
-        workers, slots = make_executor(h, env, settings)
+    # the slots: a missing GPU, a busy one, a Ray address that does not answer stop here
+    workers, slots = make_executor(h, env, settings)
     from .display import LiveView
 
     view = LiveView(settings.budget_s)
     display = None if quiet else view
-    lab_class = ParallelLab if parallel else Lab
-    lab = (lab_class.resume(resume_path, h, env, settings, display=display) if resume_path
-           else lab_class.start(h, runs_dir, env, settings, display=display))
+    lab = (Lab.resume(resume_path, h, env, settings, display=display) if resume_path
+           else Lab.start(h, runs_dir, env, settings, display=display)).attach(workers, slots)
     if resume_path:  # what the run goes on with, the total budget among it
         from dataclasses import asdict
 
         lab.folder.update_meta(settings={**asdict(settings), "budget_s": total_budget})
-    if parallel:
-        lab.attach(workers, slots)
     view.lab = lab
     click.echo(f"run folder: {lab.folder.path} (branch {lab.folder.meta['branch']}); sandbox: {isolation}")
     plan = _print_agent_plan(agent, settings.budget_s, settings.max_usd)
@@ -798,7 +792,7 @@ SETTING_PARAMS = {"budget_s": "budget", "max_experiments": "max_experiments", "m
 
 def _given_settings(ctx) -> dict:
     """The Settings fields as this command line gives them (or defaults them)."""
-    from .parallel import parse_gpus
+    from .slots import parse_gpus
 
     p = ctx.params
     values = {name: p[param] for name, param in SETTING_PARAMS.items()}
@@ -850,7 +844,7 @@ def _resumed_settings(ctx, folder, given: dict) -> tuple[dict, float]:
 def skypilot(harness, out, accelerators, nodes, image):
     """Write a SkyPilot task file that starts Ray workers in HARNESS's image (not run)."""
     from .harness import load
-    from .parallel import skypilot_task
+    from .skypilot import skypilot_task
 
     h = load(harness)
     out = out or Path(f"{h.name}.sky.yaml")

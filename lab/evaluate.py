@@ -30,6 +30,8 @@ from .store import atomic_write
 STDERR_TAIL = 3000
 CONTAINER_WORK = "/lab/work"  # where an evaluation's folder is mounted inside a container
 ENV_SANDBOX = "LAB_SANDBOX"  # lab.sandbox.ENV_MODE
+# The modes that time nothing, and what their PASS means.
+UNTIMED = {"check": "the oracle passed", "build": "the build succeeded", "profile": "the profile ran"}
 
 
 @dataclass
@@ -69,7 +71,9 @@ def run_evaluation(
     fingerprint_extra: dict | None = None,
     check_seeds: list[int] | None = None,
 ) -> Outcome:
-    """Evaluate `candidate_tree` (against `incumbent_tree` unless mode is check or aa)."""
+    """Evaluate `candidate_tree` (against `incumbent_tree` in mode evaluate). The modes: evaluate,
+    aa (the candidate against itself), check (build and oracle), build (build only: the agent's
+    compile tool), profile (build, then the harness's profile digest: the agent's profile tool)."""
     verify_lock(harness)
     work_dir.mkdir(parents=True, exist_ok=True)
     stage = work_dir / "stage"
@@ -100,8 +104,8 @@ def run_evaluation(
                                     reason=f"the runner exited {result.returncode} without a record: "
                                            + (tail.strip().splitlines() or ["no output"])[-1][:500])
     atomic_write(record_path, evaluation.to_json())  # the lab's own copy, scrubbed
-    if mode == "check" and not evaluation.status:
-        verdict = Verdict(status=PASS, reason="the oracle passed")
+    if mode in UNTIMED and not evaluation.status:
+        verdict = Verdict(status=PASS, reason=UNTIMED[mode])
     else:
         verdict = stats.verdict_for(evaluation, delta, speed_of_light_seconds=harness.speed_of_light_seconds)
     return Outcome(evaluation, verdict, record_path, tail)

@@ -1,9 +1,18 @@
 """The experiment loop: propose, apply, build, check, time, keep or discard, record.
 
 The lab runs the loop, not a prompt. Every state change is appended to events.jsonl before the
-lab acts on it, so a run killed at any point resumes from its folder alone: the experiment that
-was in flight is evaluated again from its ledger entry (it never finished, so it is not run
+lab acts on it, so a run killed at any point resumes from its folder alone: the experiments that
+were in flight are evaluated again from their ledger entries (they never finished, so none is run
 twice), and one whose keep was decided but not yet committed is committed.
+
+Evaluations run on slots (lab/slots.py: a GPU and a CPU set) through an executor (lab/executors.py:
+this host, or a Ray cluster); lab/scheduler.py dispatches the jobs. A sequential run is one local
+slot; `--gpus 0,1` gives one slot per GPU and several proposals in flight. Either way the rules are
+the ones below and only the Lab writes events. A slot applies a candidate onto the incumbent of the
+moment and times it against that incumbent; only under the lock does anything reach the run's
+branch: a KEEP measured against the current incumbent (and confirmed in a fresh process on the
+same slot) is committed; one measured against an incumbent another slot replaced meanwhile is
+re-applied onto the new one and timed again, or rejected as "stale" when it no longer applies.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import os
 import shutil
 import signal
 import statistics
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -23,20 +33,18 @@ from .agents import clock as _clock
 from .agents.memory import run_memory
 from .envs import Env
 from .errors import LabError, PatchRejected
-from .evaluate import Outcome, run_evaluation
+from .evaluate import Outcome
+from .executors import Executor, Request, Result, sequential
 from .harness import Harness, stage_editable
-from .records import CRASH, FAIL, KEEP, TIMEOUT, WORSE
+from .records import CRASH, FAIL, KEEP, TIMEOUT, WORSE, Verdict
+from .scheduler import Dispatch
+from .slots import Slot
 from .store import RunFolder, event_status, new_run_id, pace
+from .system.fingerprint import differences
+from .workbench import Workbench
 from .workspace import Workspace, git, source_repo
 
 CHANGE_PROPOSALS = 3  # proposals that get the instruction of a change of approach
-QUICK_PAIRS = 5  # pairs of a draft check's informative timing
-
-
-def public_seeds(harness: Harness) -> list[int]:
-    """The oracle seeds a draft check uses: the harness's `public_seeds`, else 1..oracle_seeds.
-    Public by construction: the verdict's seeds are drawn fresh and secret for every evaluation."""
-    return list(harness.public_seeds) or list(range(1, max(harness.oracle_seeds, 1) + 1))
 
 
 def _oracle_lines(event: dict, count: int = 6) -> str:
@@ -44,6 +52,19 @@ def _oracle_lines(event: dict, count: int = 6) -> str:
     lines = [str(x) for x in event.get("check_lines") or []]
     bad = [x for x in lines if any(w in x.upper() for w in ("FAIL", "MISMATCH", "ERROR", "NAN"))] or lines
     return ("\n    " + "\n    ".join(x[:300] for x in bad[:count])) if bad else ""
+
+
+
+
+@dataclass
+class Staged:
+    """A candidate applied in a slot's worktree, ready to be timed against `incumbent`."""
+
+    base: str  # the incumbent commit it was applied onto and is measured against
+    commit: str  # the candidate's commit in the slot's worktree
+    source_hash: str
+    incumbent: Path  # the incumbent's staged editable files
+    delta: float
 
 
 @dataclass
@@ -63,7 +84,7 @@ class Settings:
     agent: str = "anthropic"
     model: str | None = None
     web_search: bool = False  # the agent's research step may search the web
-    gpus: list = field(default_factory=list)  # parallel slots (lab/parallel.py); empty: sequential
+    gpus: list = field(default_factory=list)  # one slot per GPU (lab/slots.py); empty: one slot
     executor: str = "local"  # local | ray
     address: str = ""  # the Ray cluster's address, for --executor ray
     max_lost: int = 3  # re-runs of an evaluation whose worker died, before it counts as a crash
@@ -216,7 +237,7 @@ def _resume_model(harness: Harness, recorded: dict | None, path: Path) -> None:
 
 
 class Lab:
-    """One run: its folder, harness, environment and worktree."""
+    """One run: its folder, harness, environment and worktree, and the slots its evaluations run on."""
 
     def __init__(self, folder: RunFolder, harness: Harness, env: Env, settings: Settings,
                  display=None):
@@ -228,6 +249,18 @@ class Lab:
         self.incumbent_dir = folder.path / "incumbent"
         self.say = display or (lambda text: None)
         self.clock = _clock.current()  # the budget's time (a soak test compresses it)
+        self.lock = threading.RLock()  # the run's worktree, the incumbent's stage, every decision
+        self.agent_lock = threading.Lock()  # one agent call at a time: agents are not assumed thread-safe
+        self._local = threading.local()  # the slot the calling thread works on
+        self._deadline: float | None = None
+        self.bench = Workbench(self)
+        self.attach(*sequential(harness, env, settings.gpu_index))
+
+    def attach(self, executor: Executor, slots: list[Slot]) -> "Lab":
+        """Run the evaluations on `slots` through `executor` (lab/executors.make_executor). A new
+        Lab has the sequential run's one local slot."""
+        self.executor, self.slots = executor, list(slots)
+        return self
 
     # --- creation and resumption ---------------------------------------------------------
     @classmethod
@@ -278,18 +311,69 @@ class Lab:
     def state(self) -> RunState:
         return RunState.from_events(self.folder.events(), self.folder.meta)
 
-    # --- measurement of the incumbent -----------------------------------------------------
-    def _evaluate(self, number: str, mode: str, delta: float) -> Outcome:
-        work = self.folder.path / "evaluations" / number
+    # --- the slots ------------------------------------------------------------------------
+    def _slot(self) -> Slot:
+        """The slot of the calling thread: its dispatcher's, else the first."""
+        return getattr(self._local, "slot", None) or self.slots[0]
+
+    def _slot_dir(self, slot: Slot) -> Path:
+        return self.folder.path / "slots" / f"slot-{slot.index}"
+
+    def _slot_workspace(self, slot: Slot) -> Workspace:
+        """Where `slot` applies its candidates. The only slot uses the run's worktree (which holds
+        the incumbent between its experiments); each of several has a worktree of its own, so that
+        the run's worktree only ever moves from one incumbent to the next, under the lock."""
+        if len(self.slots) == 1:
+            return self.workspace
+        path = self._slot_dir(slot) / "worktree"
+        with self.lock:
+            if not (path / ".git").exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                git(self.folder.worktree, "worktree", "add", "-q", "--detach", str(path.resolve()), "HEAD")
+        return Workspace(path, self.workspace.prefix, self.harness)
+
+    def _incumbent_for(self, slot: Slot, name: str) -> Path:
+        """The incumbent's editable files for one evaluation on `slot`: the run's stage itself for
+        the only slot; a copy taken under the lock where another slot's keep may restage it."""
+        if len(self.slots) == 1:
+            return self.incumbent_dir
+        dest = self._slot_dir(slot) / name
+        with self.lock:
+            if dest.exists():
+                shutil.rmtree(dest)
+            stage_editable(self.harness, self.incumbent_dir, dest)
+        return dest
+
+    def _run(self, slot: Slot, label: str, mode: str, candidate: Path, incumbent: Path | None,
+             delta: float, node: str | None = None) -> Result:
+        """One evaluation on `slot` through the executor, in evaluations/<label>; a worker that
+        died under it is recorded (`lost`) before the executor runs it again."""
+        work = self.folder.path / "evaluations" / label
         if work.exists():
             shutil.rmtree(work)
-        return run_evaluation(
-            self.harness, self.workspace.tree, work, env=self.env, mode=mode,
-            incumbent_tree=self.incumbent_dir if mode == "evaluate" else None,
-            delta=delta, gpu_index=self.settings.gpu_index,
-            fingerprint_extra={"run": self.folder.meta["id"]},
-        )
+        req = Request(label, mode, candidate, work, incumbent, delta,
+                      {"run": self.folder.meta["id"], "slot": slot.index}, node)
 
+        def lost(r: Request, attempt: int, error: str) -> None:
+            self.folder.append("lost", label=r.label, attempt=attempt, slot=slot.index, gpu=slot.gpu,
+                               error=error, text=f"{r.label}: the worker died ({error}); re-running it")
+
+        return self.executor.evaluate(slot, req, on_lost=lost)
+
+    def _on(self, slot: Slot) -> str:
+        """Where an evaluation runs, for the live view: "" in a run of one slot."""
+        return f" on slot {slot.index} (GPU {slot.gpu})" if len(self.slots) > 1 else ""
+
+    def _announce_slots(self) -> None:
+        self.folder.append("workers", executor=self.executor.name, slots=[s.describe() for s in self.slots],
+                           text=f"{len(self.slots)} slot(s) on the {self.executor.name} executor: "
+                                + ", ".join(f"GPU {s.gpu} CPUs {s.cpus or 'all'}" for s in self.slots))
+
+    # --- measurement of the incumbent -----------------------------------------------------
+    def _evaluate(self, number: str, mode: str, delta: float) -> Outcome:
+        """The incumbent against itself (mode aa: a baseline, a canary) on the calling thread's slot."""
+        slot = self._slot()
+        return self._run(slot, str(number), mode, self._incumbent_for(slot, "aa"), None, delta).outcome
     def measure_noise(self, label: str = "baseline") -> Outcome:
         """The incumbent against itself: checks it, gives the A/A noise floor and delta."""
         self.say(f"measuring the A/A noise floor ({label})")
@@ -337,6 +421,7 @@ class Lab:
                                label="widened", pairs=0, report={})
         self.folder.render()
 
+
     # --- one experiment ---------------------------------------------------------------------
     def _record_proposal(self, proposal: Proposal, number: int) -> int:
         """The patch and its transcript into the ledger, then the `proposed` event: `number`."""
@@ -350,45 +435,114 @@ class Lab:
         return number
 
     def experiment(self, proposal: Proposal, number: int | None = None, replay: dict | None = None) -> dict:
-        """Take one proposal through the gate; returns the `evaluated` or `rejected` event."""
+        """Record a new proposal (unless `number` is given) and take it through the gate on the
+        calling thread's slot; returns the `evaluated` or `rejected` event."""
+        if number is None:
+            number = self._record_proposal(proposal, self.state().proposed + 1)
+        return self.experiment_on(self._slot(), proposal, number, replay)
+
+    def experiment_on(self, slot: Slot, proposal: Proposal, number: int, replay: dict | None = None) -> dict:
+        """Proposal `number` through the gate on `slot`: apply it onto the incumbent of the moment,
+        time it against that incumbent, confirm a KEEP, decide. A KEEP measured against an
+        incumbent that another slot replaced meanwhile is re-applied onto the new one and timed
+        again (or rejected as stale). Returns the `evaluated` or `rejected` event; `replay` is
+        the proposal's events from a process that stopped before it finished."""
+        ws = self._slot_workspace(slot)
+        own = {replay["evaluating"]["source_hash"]} if replay and replay.get("evaluating") else set()
+        start, label = time.monotonic(), f"{number:04d}"
+        staged = self._apply_on_slot(slot, ws, proposal, number, own, stale=False)
+        retimes = 0
+        while isinstance(staged, Staged):
+            result, verdict, confirmation = self._measure(slot, number, label, ws.tree, staged)
+            with self.lock:
+                state = self.state()
+                if verdict.status != KEEP or state.incumbent_commit == staged.base:
+                    return self._decide(slot, ws, proposal, number, staged, result, verdict, confirmation,
+                                        time.monotonic() - start)
+                self.folder.append("stale_keep", number=number, slot=slot.index, gpu=slot.gpu,
+                                   measured_against=staged.base, incumbent=state.incumbent_commit,
+                                   verdict=verdict.to_dict(), record=self._rel(result.outcome.record_path),
+                                   text=f"#{number} won against {staged.base[:10]}, but "
+                                        f"{state.incumbent_commit[:10]} was kept meanwhile: re-timing it "
+                                        "against the new incumbent")
+                staged = self._apply_on_slot(slot, ws, proposal, number, set(), stale=True)
+            retimes += 1
+            label = f"{number:04d}-retime{retimes}"
+        return staged  # the `rejected` event
+
+    def _apply_on_slot(self, slot: Slot, ws: Workspace, proposal: Proposal, number: int, own: set,
+                       stale: bool) -> Staged | dict:
+        """Under the lock: the candidate onto the current incumbent in the slot's worktree, and
+        its `evaluating` event; or the `rejected` event when the patch does not apply (`stale`:
+        any more, onto an incumbent that moved on)."""
+        with self.lock:
+            state = self.state()
+            base = state.incumbent_commit
+            ws.reset(base)
+            try:
+                commit, source_hash = ws.apply(proposal.patch, f"lab #{number}: {proposal.hypothesis}".strip(),
+                                               set(state.tried_hashes) - own)
+            except PatchRejected as exc:
+                event = self.folder.append(
+                    "rejected", number=number, reason="stale" if stale else exc.reason,
+                    detail=f"{exc.reason}: {exc.detail}" if stale else exc.detail,
+                    description=proposal.hypothesis, slot=slot.index)
+                self.folder.render()
+                return event
+            self.folder.append("evaluating", number=number, commit=commit, source_hash=source_hash,
+                               slot=slot.index, gpu=slot.gpu, incumbent=base)
+            incumbent = self._incumbent_for(slot, "incumbent")
+        self.say(f"#{number}: evaluating{self._on(slot)}: {proposal.hypothesis[:70]}")
+        return Staged(base, commit, source_hash, incumbent, state.delta)
+
+    def _measure(self, slot: Slot, number: int, label: str, tree: Path, staged: Staged):
+        """Time the candidate against the staged incumbent on `slot`; a KEEP is confirmed in a
+        fresh process on fresh seeds, on the same slot (and Ray node). (result, verdict, confirmation)."""
+        result = self._run(slot, label, "evaluate", tree, staged.incumbent, staged.delta)
+        verdict = result.outcome.verdict
+        if verdict.status != KEEP or not self.settings.confirm:
+            return result, verdict, None
+        self.say(f"#{number}: KEEP{self._on(slot)}; confirming in a fresh process on fresh seeds")
+        confirmation = self._run(slot, f"{label}-confirm", "evaluate", tree, staged.incumbent,
+                                 staged.delta, node=result.worker.get("node")).outcome
+        differ = differences(result.outcome.evaluation.fingerprint, confirmation.evaluation.fingerprint)
+        refused = f"the confirming run ran on another machine ({', '.join(differ[:3])})" if differ else ""
+        return result, stats.confirm(verdict, confirmation.verdict, refused), confirmation
+
+    def _decide(self, slot: Slot, ws: Workspace, proposal: Proposal, number: int, staged: Staged,
+                result: Result, verdict: Verdict, confirmation: Outcome | None, seconds: float) -> dict:
+        """Under the lock, against the incumbent it was measured against: record the verdict; a
+        KEEP reaches the run's branch, anything else leaves the slot's worktree at the incumbent."""
         state = self.state()
-        if replay is None:
-            number = self._record_proposal(proposal, state.proposed + 1)
-        message = f"lab #{number}: {proposal.hypothesis}".strip()
-        tried = set(state.tried_hashes)
-        if replay is not None and replay.get("evaluating"):
-            tried.discard(replay["evaluating"]["source_hash"])  # its own earlier, unfinished try
-        try:
-            commit, source_hash = self.workspace.apply(proposal.patch, message, tried)
-        except PatchRejected as exc:
-            event = self.folder.append("rejected", number=number, reason=exc.reason, detail=exc.detail,
-                                       description=proposal.hypothesis)
-            self.folder.render()
-            return event
-        self.folder.append("evaluating", number=number, commit=commit, source_hash=source_hash)
-        self.say(f"#{number}: evaluating {proposal.hypothesis[:70]}")
-        start = time.monotonic()
-        outcome = self._evaluate(f"{number:04d}", "evaluate", state.delta)
-        verdict = outcome.verdict
-        confirmation = None
-        if verdict.status == KEEP and self.settings.confirm:
-            self.say(f"#{number}: KEEP; confirming in a fresh process on fresh seeds")
-            confirmation = self._evaluate(f"{number:04d}-confirm", "evaluate", state.delta)
-            verdict = stats.confirm(verdict, confirmation.verdict)
-        event = self._record_evaluated(number, commit, source_hash, proposal.hypothesis, outcome, verdict,
-                                       confirmation, self.workspace.diff_stat(state.base_commit),
-                                       time.monotonic() - start)
-        if event["status"] == KEEP:
+        keep = verdict.status == KEEP
+        commit = staged.commit
+        if keep and ws is not self.workspace:  # the run's worktree holds the incumbent: same patch, same source
+            self.workspace.reset(staged.base)
+            commit, main_hash = self.workspace.apply(proposal.patch, f"lab #{number}: {proposal.hypothesis}".strip(),
+                                                     state.tried_hashes - {staged.source_hash})
+            assert main_hash == staged.source_hash, "the run's worktree and the slot disagree"
+        outcome = result.outcome
+        event = self._record_evaluated(
+            number, commit, staged.source_hash, proposal.hypothesis, outcome, verdict, confirmation,
+            ws.diff_stat(state.base_commit), seconds, slot=slot.index, gpu=slot.gpu, worker=result.worker,
+            measured_against=staged.base, fingerprint=outcome.evaluation.fingerprint)
+        if keep:
             self._commit_keep(event, state)
         else:
-            self.workspace.reset(state.incumbent_commit)
+            ws.reset(state.incumbent_commit)
         self.folder.render()
         return event
+
+    def _rel(self, path: Path) -> str:
+        try:
+            return str(Path(path).relative_to(self.folder.path))
+        except ValueError:
+            return str(path)
 
     def _record_evaluated(self, number: int, commit: str, source_hash: str, description: str,
                           outcome: Outcome, verdict, confirmation: Outcome | None, diffstat: str,
                           seconds: float, **extra) -> dict:
-        """Append the `evaluated` event of one experiment (the sequential and the parallel loop)."""
+        """Append the `evaluated` event of one experiment."""
         ev = outcome.evaluation
         if ev.busy_cpus:
             self.folder.append("note", text=f"#{number}: timing core(s) {ev.busy_cpus} were busy before "
@@ -426,60 +580,23 @@ class Lab:
         self.folder.append("kept", number=event["number"], commit=commit, speedup=gain,
                            cumulative_speedup=cumulative)
 
-    def replay_pending(self) -> None:
-        """Finish the proposal that was in flight when the last process stopped."""
-        pending = self.state().pending
-        if pending is None:
-            return
-        patch = (self.folder.ledger / f"{pending['ledger']}.patch").read_text()
-        self.folder.append("note", text=f"re-evaluating #{pending['number']}, interrupted mid-evaluation")
-        self.experiment(Proposal(patch=patch, hypothesis=pending["hypothesis"]),
-                        number=pending["number"], replay=pending)
 
     # --- the loop ---------------------------------------------------------------------------
     def loop(self, agent: Agent, started: float | None = None) -> str:
-        """Propose and evaluate until a budget or stop rule ends the run; returns why it ended."""
-        s = self.settings
+        """Propose and evaluate on every slot until a budget or stop rule ends the run; returns
+        why it ended. The dispatching is lab/scheduler.py's; every rule and event is here."""
         started = started or self.clock.now()
-        deadline = started + s.budget_s
-        self._deadline = deadline
+        self._deadline = started + self.settings.budget_s
+        self._announce_slots()
         with Interrupts() as interrupts:
             if not any(e["type"] == "baseline" for e in self.folder.events()):
                 self.measure_noise()
-            self.replay_pending()
-            try:
-                reason = self._run_agent(agent, deadline, interrupts)
-            except AgentFatal as exc:  # from a proposal or a research: no key, no credit, ...
-                self.folder.append("agent_failed", reason=str(exc), fatal=True)
-                reason = f"the agent cannot go on: {exc}"
+            reason = Dispatch(self, agent, interrupts).run()
         self.folder.append("run_stopped", reason=reason)
         self.folder.render()
         return reason
 
-    def _run_agent(self, agent: Agent, deadline: float, interrupts: Interrupts) -> str:
-        """Research, then propose and evaluate until a stop rule; returns why it stopped."""
-        s = self.settings
-        if not any(e["type"] == "research" for e in self.folder.events()):
-            self._research(agent)
-        while True:
-            state = self.state()
-            reason = self._stop_reason(state, deadline, interrupts, agent)
-            if reason:
-                return reason
-            if s.canary_every and state.proposed and state.proposed % s.canary_every == 0 \
-                    and not self._canary_done(state.proposed):
-                self.canary()
-                continue  # the canary may have found the incumbent failing
-            self.say(f"asking the agent for proposal #{state.proposed + 1}")
-            proposal = self._ask(agent, state)
-            if proposal.failure:
-                reason = self._agent_failed(agent, proposal)
-                if reason:
-                    return reason
-                continue
-            self._after_experiment(agent, self.experiment(proposal))
-
-    def _stop_reason(self, state: RunState, deadline: float, interrupts: Interrupts, agent) -> str:
+    def _stop_reason(self, state: RunState, interrupts: Interrupts) -> str:
         """Why the run must stop now, or "". The only stop rules: Ctrl-C, the budgets (time,
         experiments, dollars), and a canary that found the incumbent itself failing. Failure
         streaks and plateaus never stop a run (see _after_experiment)."""
@@ -495,9 +612,15 @@ class Lab:
         if s.max_usd and spent >= s.max_usd:
             return f"spend limit reached (${spent:.2f} of ${s.max_usd:.2f})"
         expected = statistics.median(state.evaluation_seconds) if state.evaluation_seconds else 0.0
-        if self.clock.now() + expected > deadline:
+        if self._deadline is not None and self.clock.now() + expected > self._deadline:
             return "the time budget cannot fit another evaluation"
         return ""
+
+    def _canary_due(self, state: RunState) -> bool:
+        """Every canary_every proposals, one A/A canary (is the machine as quiet as measured?)."""
+        every = self.settings.canary_every
+        return bool(every and state.proposed and state.proposed % every == 0
+                    and not self._canary_done(state.proposed))
 
     # --- failure streaks and plateaus: inform, change approach, never stop ------------------
     def _ask(self, agent: Agent, state: RunState) -> Proposal:
@@ -610,13 +733,13 @@ class Lab:
             results_tsv=(self.folder.path / "results.tsv").read_text(),
             log_md=(self.folder.path / "log.md").read_text(),
             recent_failures=failures, run_dir=self.folder.path, scratch=scratch,
-            compile=self._compile_only, profile=self._profile_digest,
+            compile=self.bench.compile, profile=self.bench.profile,
             tried_hypotheses=[e.get("hypothesis", "") for e in events if e["type"] == "proposed"],
             memory=run_memory(events), direction=self._direction(events),
-            seconds_left=(self._deadline - self.clock.now()) if getattr(self, "_deadline", None) else None,
+            seconds_left=(self._deadline - self.clock.now()) if self._deadline is not None else None,
             usd_left=(self.settings.max_usd - state.spent_usd) if self.settings.max_usd else None,
             spent_usd=state.spent_usd, private=tuple(self.harness.private),
-            check=None if self.settings.executor == "ray" else self._draft_check, report=self._report,
+            check=None if self.settings.executor == "ray" else self.bench.check, report=self._report,
         )
 
     def _report(self, type_: str, **payload) -> None:
@@ -624,57 +747,6 @@ class Lab:
         self.folder.append(type_, **payload)
         if payload.get("text"):
             self.say(f"{type_.replace('_', ' ')}: {payload['text']}")
-
-    def _draft_check(self, tree: Path, timing: bool = True) -> str:
-        """The agent's `check` tool: its draft through the lab's own evaluation path (build, the
-        oracle on the harness's public seeds, never secret ones; with timing, a few pairs against
-        the incumbent), recorded as an event and in log.md, counted in the budget like any work."""
-        events = self.folder.events()
-        number = sum(1 for e in events if e.get("kind") == "draft_check") + 1
-        proposal = self.state().proposed + 1
-        timing = timing and not self.settings.gpus  # in a parallel run the slots' GPUs are timing
-        seeds = public_seeds(self.harness)
-        work = self.folder.path / "agent" / "checks" / f"{number:04d}"
-        if work.exists():
-            shutil.rmtree(work)
-        self.say(f"draft check {number} for proposal #{proposal}" + (" with a quick timing" if timing else ""))
-        start = self.clock.now()
-        outcome = run_evaluation(
-            self.harness, tree, work, env=self.env, mode="evaluate" if timing else "check",
-            incumbent_tree=self.incumbent_dir if timing else None, delta=self.state().delta,
-            gpu_index=self.settings.gpu_index, check_seeds=seeds, min_pairs=QUICK_PAIRS,
-            max_seconds=max(self.harness.min_timing_seconds, 1.0),
-            fingerprint_extra={"run": self.folder.meta["id"], "draft_check": number})
-        ev, verdict = outcome.evaluation, outcome.verdict
-        passed = bool(ev.check and ev.check.passed)
-        lines = [f"oracle on public seeds {seeds}: {'PASS' if passed else 'FAIL'}"
-                 + (f" ({(ev.reason or verdict.reason)[:1500]})" if not passed and (ev.reason or verdict.reason) else "")]
-        lines += (ev.check.lines if ev.check else [])[:40]
-        if timing and passed and ev.pairs:
-            ratios = stats.log_ratios(ev.pairs)
-            if len(ratios):
-                lines.append(f"quick timing, {len(ratios)} pairs (informative, not a verdict): "
-                             f"{stats.speedup(float(statistics.median(ratios))):.4f}x the current best")
-        seconds = self.clock.now() - start
-        self.folder.append("note", kind="draft_check", number=number, proposal=proposal, passed=passed,
-                           seeds=seeds, seconds=round(seconds, 2),
-                           record=str(outcome.record_path.relative_to(self.folder.path)),
-                           text=f"draft check {number} (for proposal #{proposal}): "
-                                f"{'oracle PASS' if passed else 'oracle FAIL'}" + (f", {lines[-1]}" if timing and passed else ""))
-        return "\n".join(lines)
-
-    def _compile_only(self, tree: Path):
-        from .runner import build_cached, default_cache
-
-        stage = self.folder.path / "agent" / "compile-stage"
-        stage_editable(self.harness, tree, stage)
-        return build_cached(self.harness, stage, default_cache())
-
-    def _profile_digest(self) -> str:
-        from .runner import build_cached, default_cache
-
-        build = build_cached(self.harness, self.incumbent_dir, default_cache())
-        return self.harness.profile(build) if build.ok else f"the incumbent does not build: {build.error}"
 
     # --- summary ----------------------------------------------------------------------------
     def summary(self) -> dict:

@@ -242,7 +242,8 @@ class Evaluation(Record):
     timing_cpus: list[int] = field(default_factory=list)  # the cores the timing was pinned to
     busy_cpus: list[int] = field(default_factory=list)  # of those, busy just before the timing
     nonce: str = ""  # the lab's request, echoed: a record answers exactly one request
-    mode: str = ""  # evaluate, check or aa, as requested
+    mode: str = ""  # evaluate, check, aa, build or profile, as requested
+    profile: str = ""  # mode profile: the harness's profile digest of the candidate (never a verdict)
     schema_version: int = SCHEMA_VERSION
 
 

@@ -1,7 +1,7 @@
 """The process that runs inside the harness's environment: build, check, paired timing, JSON out.
 
     python -m lab.runner --harness DIR --incumbent STAGE --candidate STAGE \
-        --request REQUEST.json [--mode evaluate|check|aa] [--delta 0.005]
+        --request REQUEST.json [--mode evaluate|check|aa|build|profile] [--delta 0.005]
 
 It loads the harness from its locked folder (verified against lock.json), builds the staged
 editable files of both sides (cached by content hash), runs the oracle on the candidate with the
@@ -33,6 +33,7 @@ from .cache import build_cached, default_cache
 from .errors import CandidateAborted, summary as _summary
 from .harness import Harness, load, verify_lock
 from .records import CRASH, FAIL, Build, Check, CheckItem, Evaluation, Pair, TelemetryBlock, frame
+from .system.process import place_self
 
 PAIRS_PER_BLOCK = 5  # telemetry granularity: a throttled block drops this many pairs at most
 
@@ -171,6 +172,10 @@ def evaluate(args) -> Evaluation:
     if not record.candidate_build.ok:
         record.status, record.reason = FAIL, "build failed: " + record.candidate_build.error[-1500:]
         return _finish(record, started)
+    if args.mode == "build":  # the agent's compile tool
+        return _finish(record, started)
+    if args.mode == "profile":  # the agent's profile tool: informative, never a verdict
+        return _finish(_profile(harness, record, say), started)
 
     if args.mode in ("evaluate", "check", "aa"):  # the A/A baseline is checked too
         say("checking candidate with the oracle")
@@ -217,6 +222,17 @@ def evaluate(args) -> Evaluation:
     return _finish(record, started)
 
 
+def _profile(harness: Harness, record: Evaluation, say) -> Evaluation:
+    say("profiling the build")
+    try:
+        record.profile = harness.profile(record.candidate_build)
+    except CandidateAborted:
+        raise
+    except Exception as exc:  # a profiler that fails or hangs (ncu, perf): the record says so
+        record.status, record.reason = CRASH, "the profile failed: " + _summary(exc)
+    return record
+
+
 def _finish(record: Evaluation, started: float) -> Evaluation:
     record.seconds = time.monotonic() - started
     return record
@@ -247,7 +263,7 @@ def parse_args(argv=None):
     p.add_argument("--incumbent", help="staged editable files of the incumbent")
     p.add_argument("--candidate", required=True, help="staged editable files of the candidate")
     p.add_argument("--request", help="JSON {nonce: str, check: [...], timing: N}; secret, chosen by the lab")
-    p.add_argument("--mode", choices=("evaluate", "check", "aa"), default="evaluate")
+    p.add_argument("--mode", choices=("evaluate", "check", "aa", "build", "profile"), default="evaluate")
     p.add_argument("--delta", type=float, default=0.005, help="decision threshold (fraction) for the stop rule")
     p.add_argument("--min-pairs", type=int, default=0)
     p.add_argument("--min-seconds", type=float, default=None)
@@ -291,6 +307,7 @@ def _safe_request(args) -> dict:
 
 
 def main(argv=None) -> int:
+    place_self()  # the CPU set and the death with the lab, as the lab passed them (natively)
     args = parse_args(argv)
     channel = private_stdout()
     try:

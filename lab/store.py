@@ -194,10 +194,13 @@ class RunFolder:
 
     # --- views rebuilt from the events -----------------------------------------------------
     def render(self) -> None:
-        events = self.events()
-        meta = self.meta
-        atomic_write(self.path / "results.tsv", results_tsv(events, meta))
-        atomic_write(self.path / "log.md", log_md(events, meta))
+        """Rewrite results.tsv and log.md from the events; under the append lock, so that the
+        slots' threads (and processes) render one at a time, each from every event before it."""
+        with self.locked():
+            events = self.events()
+            meta = self.meta
+            atomic_write(self.path / "results.tsv", results_tsv(events, meta))
+            atomic_write(self.path / "log.md", log_md(events, meta))
 
 
 # --- rendering ---------------------------------------------------------------------------------

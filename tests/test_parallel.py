@@ -1,4 +1,5 @@
-"""Parallel experiments on one host (lab/parallel.py): slots, verdicts, stale keeps, resume."""
+"""Parallel experiments on one host (lab/slots.py, lab/executors.py, lab/scheduler.py, lab/loop.py):
+slots, verdicts, stale keeps, resume."""
 
 import difflib
 import json
@@ -11,8 +12,9 @@ import pytest
 from lab.agents import Proposal
 from lab.envs import get
 from lab.errors import LabError
+from lab.executors import LocalExecutor
 from lab.loop import Lab, Settings
-from lab.parallel import LocalExecutor, ParallelLab, check_gpus, parse_gpus, plan_slots
+from lab.slots import check_gpus, parse_gpus, plan_slots
 from lab.store import RunFolder
 from lab.workspace import git
 
@@ -52,7 +54,7 @@ FIX_B = ("--- a/work.c\n+++ b/work.c\n@@ -13,3 +13,3 @@\n {\n-    volatile doubl
 
 
 def parallel_lab(cdot, repo, settings, slots=2):
-    lab = ParallelLab.start(cdot, repo / "runs", get("native"), settings)
+    lab = Lab.start(cdot, repo / "runs", get("native"), settings)
     return lab.attach(LocalExecutor(cdot, get("native")), plan_slots(list(range(slots)), allowed=[0, 1]))
 
 
@@ -189,7 +191,7 @@ def test_a_winner_that_no_longer_applies_is_rejected_as_stale(cdot, cdot_repo):
 
     lab.executor.evaluate = evaluate_then_land_another_keep
     lab.folder.append("proposed", number=1, hypothesis="two chains", ledger="0001", cost_usd=0)
-    assert lab.experiment_on(slot, Proposal(patch=conflicting, hypothesis="two chains"), 1) == {}
+    assert lab.experiment_on(slot, Proposal(patch=conflicting, hypothesis="two chains"), 1)["type"] == "rejected"
     events = lab.folder.events()
     assert [e["type"] for e in events if e["type"] in ("stale_keep", "rejected")] == ["stale_keep", "rejected"]
     rejected = [e for e in events if e["type"] == "rejected"][0]

@@ -1,4 +1,4 @@
-"""Evaluations as Ray tasks (lab/parallel.py RayExecutor) on a real local cluster on loopback.
+"""Evaluations as Ray tasks (lab/executors.py RayExecutor) on a real local cluster on loopback.
 
 The head is started by the test (`ray start --head --block` in a process group of its own, with
 its own temp dir), has 2 CPUs and 2 `lab_slot` resources, and is stopped by killing that group.
@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from lab.errors import LabError
-from lab.parallel import RayExecutor, Slot, check_address
+from lab.executors import RayExecutor, check_address
+from lab.slots import Slot
 
 from conftest import lab_cli
 from test_loop import sol
@@ -85,7 +86,7 @@ def test_a_worker_killed_mid_task_is_recorded_as_lost_and_rerun(ray_head, cdot, 
     executor = RayExecutor(cdot, "native", ray_head, max_lost=2)
     assert executor.preflight() == 2
     from lab.harness import stage_editable
-    from lab.parallel import Request
+    from lab.executors import Request
 
     tree = tmp_path / "incumbent"
     stage_editable(cdot, cdot.root, tree)

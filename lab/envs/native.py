@@ -1,4 +1,8 @@
-"""The runner as a plain child process of the lab, in a process group of its own."""
+"""The runner as a plain child process of the lab, in a process group of its own.
+
+No preexec_fn: the lab starts runners from threads, where it is unsafe. The runner sets its own CPU
+set and its death with the lab at its start (lab/system/process.py), from its environment.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ import sys
 import time
 
 from ..scrub import SECRET_MARKERS
+from ..system.process import placement_env
 from .base import Env, Mount, RunResult
 
 
-def run_process_group(argv, *, timeout_s, env=None, cwd=None, preexec=None) -> RunResult:
+def run_process_group(argv, *, timeout_s, env=None, cwd=None) -> RunResult:
     """Run argv in a new session; on timeout kill the whole group (a hung kernel, a forked
     helper, a compiler) with SIGKILL, so that nothing keeps running or holding the GPU."""
     start = time.monotonic()
@@ -25,7 +30,6 @@ def run_process_group(argv, *, timeout_s, env=None, cwd=None, preexec=None) -> R
         env=env,
         cwd=cwd,
         start_new_session=True,
-        preexec_fn=preexec,
     )
     try:
         out, err = proc.communicate(timeout=timeout_s)
@@ -45,19 +49,6 @@ def run_process_group(argv, *, timeout_s, env=None, cwd=None, preexec=None) -> R
         timed_out=timed_out,
         seconds=time.monotonic() - start,
     )
-
-
-def _die_with_parent() -> None:
-    """Linux: the runner gets SIGKILL when the lab dies (even by kill -9), so that an orphaned
-    runner never keeps a hung kernel or a core busy; elsewhere this is a no-op."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
 
 def kill_group(pid: int) -> None:
@@ -85,14 +76,10 @@ class NativeEnv(Env):
         child_env.update(env or {})
         if gpus is not None:
             child_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
-        def preexec():
-            _die_with_parent()
-            if cpus:
-                os.sched_setaffinity(0, cpus)
-
+        child_env.update(placement_env(cpus))  # the runner applies it itself (lab/system/process.py)
         if argv and argv[0] == "python":
             argv = [sys.executable] + argv[1:]
-        return run_process_group(argv, timeout_s=timeout_s, env=child_env, preexec=preexec)
+        return run_process_group(argv, timeout_s=timeout_s, env=child_env)
 
 
 def scrubbed_environ() -> dict:

@@ -29,10 +29,12 @@ VOLATILE = frozenset({
     "gpu.temperature_c",
     "gpu.clock_event_reasons",
     "cpu.affinity",
-    # what the lab adds per evaluation (lab/evaluate.py, lab/loop.py): which sources, which run
+    # what the lab adds per evaluation (lab/evaluate.py, lab/loop.py): which sources, which run,
+    # which of the run's slots (a reproduction runs on none)
     "candidate_source",
     "incumbent_source",
     "run",
+    "slot",
 })
 
 
