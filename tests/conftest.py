@@ -69,12 +69,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     preprocessed source, the compiler and its flags), so the llama.cpp build of a second session
     on this machine takes a minute or two instead of ~10 (a fresh machine still builds cold).
     $CCACHE_DIR, when set, wins."""
-    shared = os.environ.get("LAB_TEST_CACHE")
-    monkeypatch.setenv("LAB_CACHE", shared or str(tmp_path_factory.getbasetemp() / "lab-cache"))
-    monkeypatch.setenv("CCACHE_DIR", os.environ.get("CCACHE_DIR") or str(TEST_CCACHE))
+    for name, value in session_cache_env(tmp_path_factory).items():
+        monkeypatch.setenv(name, value)
 
 
 TEST_CCACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lab-test-ccache"
+
+
+def session_cache_env(tmp_path_factory) -> dict[str, str]:
+    """The caches of this test session (see _isolated_cache), for a session fixture too."""
+    return {"LAB_CACHE": os.environ.get("LAB_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "lab-cache"),
+            "CCACHE_DIR": os.environ.get("CCACHE_DIR") or str(TEST_CCACHE)}
 
 
 def make_cdot_repo(repo: Path) -> Path:

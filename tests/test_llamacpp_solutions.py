@@ -26,6 +26,8 @@ from lab.evaluate import run_evaluation
 from lab.harness import load
 from lab.workspace import guard_patch
 
+from conftest import session_cache_env
+
 HARNESS = Path(__file__).resolve().parent.parent / "harnesses" / "llamacpp"
 SOLUTIONS = HARNESS / "solutions"
 EXPECTED = json.loads((SOLUTIONS / "expected.json").read_text())
@@ -57,6 +59,48 @@ SOLUTION_CASES = [pytest.param("cuda" if rel.startswith("cuda/") else "cpu", rel
                   for rel in sorted(EXPECTED)]
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pristine_build(request, tmp_path_factory):
+    """The pinned tree's CPU build, made once per session before the first test here needs it,
+    every stage of it printed on the terminal as it happens (a cold build takes ~10 minutes on 2
+    cores; pytest's capture would otherwise keep them silent): the stages seen, or None where
+    the harness cannot run here (its tests then say why)."""
+    from lab.progress import Progress
+
+    seen = []
+
+    class Recorder(Progress):
+        def stage(self, text):
+            seen.append(text)
+            super().stage(text)
+
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with pytest.MonkeyPatch.context() as mp:  # the caches the tests will use
+        for name, value in session_cache_env(tmp_path_factory).items():
+            mp.setenv(name, value)
+        mp.setenv("LAB_LLAMACPP_BACKEND", "cpu")
+        h = load(HARNESS)
+        try:
+            h.preflight()
+            with capture.global_and_fixture_disabled():
+                print()
+                with Recorder("llama.cpp for the tests: the pristine build"):
+                    h.baseline()
+        except EnvironmentUnavailable:
+            return None
+    return seen
+
+
+def test_the_suites_build_says_what_it_is_doing(pristine_build):
+    if pristine_build is None:
+        _unavailable("llama.cpp cannot be built here (see the other tests' reasons)")
+    if not pristine_build:
+        pytest.skip("the build was already in LAB_TEST_CACHE: nothing to say")
+    assert any(s.startswith("llama.cpp: configuring") for s in pristine_build), pristine_build
+    assert any(s.startswith("llama.cpp: compiling") for s in pristine_build), pristine_build
+    assert any(s.startswith("llama.cpp: built in") for s in pristine_build), pristine_build
 
 
 def _unavailable(reason: str):

@@ -246,3 +246,21 @@ def test_the_timing_budget_stretches_to_reach_the_minimum_pairs():
     assert not stats.should_stop(x, 0.01, elapsed_s=21.0, **kw)  # 15 < 20 pairs at the budget: go on
     assert stats.should_stop(x, 0.01, elapsed_s=20.0 * stats.MIN_PAIRS_STRETCH, **kw)  # but not forever
     assert stats.should_stop(np.random.default_rng(6).normal(0, 0.1, 20), 0.01, elapsed_s=21.0, **kw)
+
+
+def test_lab_noise_shows_its_stages_and_prints_percent(cdot, cdot_repo):
+    """Through the real command: progress lines on stderr (timestamped, no logger columns),
+    and the A/A table in % with nothing unrounded."""
+    from conftest import lab_cli
+
+    out = lab_cli("noise", str(cdot.root), cwd=cdot_repo, env={"COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    progress_lines = out.stderr.strip().splitlines()
+    assert all(CLOCK.match(line) for line in progress_lines), out.stderr
+    text = "\n".join(CLOCK.sub("", line) for line in progress_lines)
+    assert text.startswith("lab noise cdot: started")
+    for stage in ("building the candidate", "checking the incumbent with the oracle", "timing in interleaved pairs"):
+        assert stage in text, text
+    assert re.search(r"lab noise cdot: done after \d", text)
+    assert re.search(r"noise floor\s+│\s+\d+(\.\d+)?%", out.stdout) and "A/A median change" in out.stdout, out.stdout
+    assert not LONG_FLOAT.search(out.stdout) and ".py:" not in out.stdout, out.stdout
