@@ -172,6 +172,11 @@ def should_stop(x, delta: float, *, elapsed_s: float, min_pairs: int, min_second
     return _half_width(x, confidence) < delta / 2
 
 
+# A timing longer than this (or more pairs than this) is no practical advice: the noise is the problem.
+REACHABLE_TIMING_S = 1800.0
+REACHABLE_PAIRS = 5000
+
+
 def pairs_to_decide(x, delta: float, confidence: float = DEFAULT_CONFIDENCE) -> int | None:
     """About how many pairs would bring the CI's half-width under delta/2 (the stop rule's
     target), by the 1/sqrt(n) law from the pairs at hand; None with fewer than 3 of them."""
@@ -207,6 +212,12 @@ def undecided_advice(x, delta: float, *, seconds_per_pair: float | None, min_pai
             return f"{measured}: any change is smaller than delta"
         return f"{measured}: the change is close to delta ({(math.exp(-median) - 1) * 100:+.1f}%), too close to call"
     needed = max(pairs_to_decide(x, delta, confidence) or min_pairs, min_pairs)
+    if needed * (seconds_per_pair or 0) > REACHABLE_TIMING_S or needed > REACHABLE_PAIRS:
+        # The noise is far above delta: more pairs are no answer (seen: delta 0.5 % against an
+        # MDE of 56 % on 2 cores shared with other jobs, 4.6 s a pair: ~160,000 pairs).
+        return (f"{measured}; a decision at this delta would take about {needed} pairs: the machine's noise is "
+                "far above delta. Quieter cores decide it (stop other jobs on this machine), or a delta that "
+                "matches this machine's noise (lab noise, then --delta)")
     advice = f"{measured}; about {needed} pairs would decide it"
     if seconds_per_pair:
         seconds = needed * seconds_per_pair

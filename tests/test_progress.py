@@ -226,7 +226,7 @@ def test_a_same_for_too_few_pairs_says_what_would_decide_it():
 
 
 def test_a_same_at_the_budget_says_how_many_pairs_and_seconds_would_decide_it():
-    ratios = np.random.default_rng(4).normal(math.log(0.97), 0.08, 30)  # wide: the budget ended it
+    ratios = np.random.default_rng(4).normal(math.log(0.97), 0.03, 30)  # wide: the budget ended it
     verdict = stats.verdict_for(_evaluation(ratios, 0.55), 0.01)
     assert verdict.status == SAME and verdict.reason.startswith("budget ended before the CI was narrow enough")
     n = int(re.search(r"about (\d+) pairs would decide it", verdict.reason).group(1))
@@ -264,3 +264,12 @@ def test_lab_noise_shows_its_stages_and_prints_percent(cdot, cdot_repo):
     assert re.search(r"lab noise cdot: done after \d", text)
     assert re.search(r"noise floor\s+│\s+\d+(\.\d+)?%", out.stdout) and "A/A median change" in out.stdout, out.stdout
     assert not LONG_FLOAT.search(out.stdout) and ".py:" not in out.stdout, out.stdout
+
+
+def test_a_same_far_from_deciding_says_the_noise_is_the_problem():
+    """Seen on 2 cores shared with other jobs: MDE 56 % against the default delta of 0.5 %."""
+    ratios = np.random.default_rng(7).normal(math.log(1 / 1.14), 0.25, 20)
+    verdict = stats.verdict_for(_evaluation(ratios, 4.62), 0.005)
+    assert verdict.status == SAME and "the machine's noise is far above delta" in verdict.reason
+    assert "Quieter cores decide it" in verdict.reason and "--delta" in verdict.reason
+    assert "--time-cap" not in verdict.reason  # no absurd timing budget
