@@ -51,8 +51,7 @@ def pytest_runtest_makereport(item, call):
     if call.excinfo is not None and call.excinfo.errisinstance(MissingExtra) and not _in_ci():
         path, line, _ = item.location
         report.outcome = "skipped"
-        report.longrepr = (path, (line or 0) + 1, f"Skipped: needs an extra that is not installed: "
-                                                  f"{call.excinfo.value}")
+        report.longrepr = (path, (line or 0) + 1, f"Skipped: {call.excinfo.value}")
 
 
 def git(cwd, *args):
