@@ -219,6 +219,26 @@ def published(docker_client, tmp_path_factory):
 
 
 
+@pytest.fixture(scope="session")
+def kept_cdot(tmp_path_factory):
+    """(repo, harness, run folder, bundle) of one confirmed KEEP of cdot, exported: made once per
+    session (a kept run costs half a minute on 2 busy cores) for every test that only reads the
+    bundle or works on copies. A test that changes the repo or the run must own that change."""
+    from lab.bundle import export
+    from lab.envs import get
+
+    from test_bundle import _kept_run
+
+    root = tmp_path_factory.mktemp("kept-cdot")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in session_cache_env(tmp_path_factory).items():
+            mp.setenv(name, value)
+        repo = make_cdot_repo(root / "project")
+        harness = load(repo / "harnesses" / "cdot")
+        lab = _kept_run(harness, repo, get("native"))
+        yield repo, harness, lab.folder.path, export(lab.folder.path, harness)
+
+
 def git_apply_in_copy(tree: Path, patch: str, tmp_path: Path) -> Path:
     """`patch` applied with `git apply` (checked first) to a committed copy of `tree`: the copy."""
     copy = tmp_path / "applied"
