@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from lab import Build, Check, CheckItem, Environment, Harness, Metric, Sample
+from lab import Build, Check, CheckItem, Environment, Harness, Metric, Sample, progress
 from lab.errors import EnvironmentUnavailable
 
 from . import bench, build as builder, driver, model as models, oracle, source
@@ -157,6 +157,7 @@ class LlamaCpp(Harness):
                             changed=build.info.get("changed_files", []),
                             greedy=lambda seed: self._unit(self.load(build, threads), seed, base))
         if result.passed:
+            progress.stage("llama.cpp: llama-bench tg128 of candidate and baseline (informational)")
             item, line = self._llama_bench(build, base)
             result.items.append(item)
             result.lines.insert(len(result.lines) - 1, line)
