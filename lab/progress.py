@@ -59,6 +59,11 @@ def showing(sink):
             _sinks.remove(sink)
 
 
+def _short(text: str, limit: int = 60) -> str:
+    """A stage's text for a heartbeat line: its first `limit` characters, cut at a word."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0].rstrip(",:;") + "..."
+
+
 def clock_line(text: str) -> str:
     """The plain form of one progress line: '[14:03:22] text'."""
     return f"[{time.strftime('%H:%M:%S')}] {text}"
@@ -114,7 +119,7 @@ class Progress:
                 elif time.monotonic() - self.last_line >= self.heartbeat_s:
                     from . import fmt
 
-                    self._line(f"... still {self.current or self.title} "
+                    self._line(f"... still {_short(self.current or self.title)} "
                                f"({fmt.duration(time.monotonic() - self.stage_started)} so far)")
 
     # --- the command's extent ----------------------------------------------------------------
