@@ -114,11 +114,12 @@ def lock(harness):
 
 # --- single evaluations ---------------------------------------------------------------------
 def _one_evaluation(harness_name, src, against, env_name, mode, runs_dir, delta=None, model_path=None,
-                    no_sandbox=False):
+                    no_sandbox=False, time_cap=None):
     from . import stats
     from .envs import get
     from .evaluate import run_evaluation
     from .harness import load
+    from .progress import Progress
     from .store import new_run_id
 
     isolation = _sandbox(no_sandbox, env_name)
@@ -128,9 +129,10 @@ def _one_evaluation(harness_name, src, against, env_name, mode, runs_dir, delta=
     env.preflight()
     src = Path(src) if src else harness.source_tree()
     work = runs_dir / "records" / f"{new_run_id(harness.name)}-{mode}"
-    outcome = run_evaluation(harness, src, work, env=env, mode=mode,
-                             incumbent_tree=Path(against) if against else harness.source_tree(),
-                             delta=delta or stats.MIN_DELTA)
+    with Progress(f"lab {'check' if mode == 'check' else 'bench'} {harness.name}"):
+        outcome = run_evaluation(harness, src, work, env=env, mode=mode,
+                                 incumbent_tree=Path(against) if against else harness.source_tree(),
+                                 delta=delta or stats.MIN_DELTA, max_seconds=time_cap)
     if env_name == "docker" and not no_sandbox:
         isolation = outcome.evaluation.fingerprint.get("sandbox") or isolation
     return harness, outcome, isolation
@@ -145,16 +147,16 @@ def _report(harness, outcome, as_json, isolation) -> None:
     if ev.check:
         for line in ev.check.lines:
             click.echo(line)
+    from . import fmt
+
     if ev.pairs:
         import statistics
 
         a = statistics.median(p.incumbent.value for p in ev.pairs)
         b = statistics.median(p.candidate.value for p in ev.pairs)
-        click.echo(f"{harness.metric.name}: incumbent {a:.6g}, candidate {b:.6g} {harness.metric.unit}")
-    text = f"verdict: {v.status}"
-    if v.speedup is not None and v.ci_low is not None:
-        text += (f"  speedup {v.speedup:.4f}x (99% CI {v.speedup_ci[0]:.4f}-{v.speedup_ci[1]:.4f}, "
-                 f"{v.pairs} pairs, delta {v.delta * 100:.2f}%)")
+        click.echo(f"{harness.metric.name}: incumbent {fmt.number(a, harness.metric.unit)}, "
+                   f"candidate {fmt.number(b, harness.metric.unit)} (medians of {len(ev.pairs)} pairs)")
+    text = f"verdict: {fmt.verdict(v.to_dict())}"
     if v.reason or ev.reason:
         text += f"  — {v.reason or ev.reason}"
     click.echo(text)
@@ -183,6 +185,8 @@ def check(harness, src, model_path, env_name, runs_dir, as_json, no_sandbox):
 @click.option("--src", type=click.Path(exists=True, file_okay=False), help="candidate tree (default: the harness's own)")
 @click.option("--against", type=click.Path(exists=True, file_okay=False), help="incumbent tree (default: the harness's own)")
 @click.option("--delta", type=float, help="decision threshold as a fraction (default 0.005)")
+@click.option("--time-cap", type=float, help="timing budget in seconds (default: the harness's); "
+              "a SAME says how long a decision would take")
 @click.option("--against-record", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="an earlier record to report beside this one; refused if it came from another machine or software")
 @MODEL_OPTION
@@ -190,12 +194,13 @@ def check(harness, src, model_path, env_name, runs_dir, as_json, no_sandbox):
 @RUNS_OPTION
 @JSON_OPTION
 @NO_SANDBOX_OPTION
-def bench(harness, src, against, delta, against_record, model_path, env_name, runs_dir, as_json, no_sandbox):
+def bench(harness, src, against, delta, time_cap, against_record, model_path, env_name, runs_dir, as_json,
+          no_sandbox):
     """One paired evaluation: candidate (--src) against incumbent (--against)."""
     _sandbox(no_sandbox, env_name)  # before the comparison: the sandbox is part of the fingerprint
     earlier = _comparable_record(harness, against_record, env_name, model_path) if against_record else None
     h, outcome, isolation = _one_evaluation(harness, src, against, env_name, "evaluate", runs_dir, delta,
-                                            model_path, no_sandbox)
+                                            model_path, no_sandbox, time_cap)
     _report(h, outcome, as_json, isolation)
     if earlier is not None and not as_json:
         v = earlier.get("verdict") or {}
@@ -239,6 +244,7 @@ def noise(harness, pairs, model_path, env_name, runs_dir, as_json, no_sandbox):
     from .envs import get
     from .evaluate import run_evaluation
     from .harness import load
+    from .progress import Progress
     from .store import new_run_id
 
     h = load(harness, model=model_path)
@@ -246,7 +252,8 @@ def noise(harness, pairs, model_path, env_name, runs_dir, as_json, no_sandbox):
     env = get(env_name, h)
     env.preflight()
     work = runs_dir / "records" / f"{new_run_id(h.name)}-noise"
-    outcome = run_evaluation(h, h.source_tree(), work, env=env, mode="aa", min_pairs=pairs or None)
+    with Progress(f"lab noise {h.name}"):
+        outcome = run_evaluation(h, h.source_tree(), work, env=env, mode="aa", min_pairs=pairs or None)
     ev = outcome.evaluation
     if ev.status or not ev.pairs or outcome.verdict.status == "FAIL":  # FAIL: e.g. a broken time
         raise LabError(f"no A/A measurement: {outcome.verdict.status} {outcome.verdict.reason or ev.reason}")
@@ -255,7 +262,9 @@ def noise(harness, pairs, model_path, env_name, runs_dir, as_json, no_sandbox):
     report["record"] = str(outcome.record_path)
     if as_json:
         return _print_json(report)
-    _table(f"A/A noise of {h.name}", ["quantity", "value"], [[k, v] for k, v in report.items()])
+    from .fmt import noise_rows
+
+    _table(f"A/A noise of {h.name}", ["quantity", "value"], noise_rows(report))
 
 
 @cli.command()
@@ -270,20 +279,27 @@ def profile(harness, src, model_path):
 
     h = load(harness, model=model_path)
     h.preflight()
+    from .progress import Progress, stage as say
+
     stage = default_cache() / "profile-stage" / new_run_id(h.name)
     stage_editable(h, Path(src) if src else h.source_tree(), stage)
-    build = build_cached(h, stage, default_cache())
-    if not build.ok:
-        raise LabError(f"the tree does not build: {build.error[-800:]}")
-    click.echo(h.profile(build))
+    with Progress(f"lab profile {h.name}"):
+        say("building the tree")
+        build = build_cached(h, stage, default_cache())
+        if not build.ok:
+            raise LabError(f"the tree does not build: {build.error[-800:]}")
+        say("profiling")
+        digest = h.profile(build)
+    click.echo(digest)
 
 
 # --- runs ------------------------------------------------------------------------------------
 def _display(quiet: bool):
     if quiet:
         return None
-    console = _console()
-    return lambda text: console.log(text)
+    from .progress import clock_line
+
+    return lambda text: click.echo(clock_line(text), err=True)
 
 
 @cli.command("try")
@@ -539,12 +555,17 @@ def reproduce(bundle, env_name, harness_ref, model_path, runs_dir, as_json, no_s
     else:
         env = get("native" if env_name == "auto" else env_name, harness)
     isolation = _sandbox(no_sandbox, env.name)
-    report = reproduce_bundle(bundle, harness, env, runs_dir / "records" / f"{new_run_id(harness.name)}-reproduce")
+    from .progress import Progress
+
+    with Progress(f"lab reproduce {bundle.name}"):
+        report = reproduce_bundle(bundle, harness, env, runs_dir / "records" / f"{new_run_id(harness.name)}-reproduce")
     if as_json:
         _print_json({**report, "sandbox": isolation})
     else:
+        from . import fmt as numbers
+
         def fmt(v):
-            return (f"{v['status']} {v['speedup']:.4f}x (99% CI {v['ci'][0]:.4f}-{v['ci'][1]:.4f}, {v['pairs']} pairs)"
+            return (f"{v['status']} {numbers.speedup(v['speedup'])} ({numbers.ci(*v['ci'])}, {v['pairs']} pairs)"
                     if v.get("speedup") and v.get("ci") else str(v.get("status")))
 
         def same(flag, yes="identical", no="DIFFERENT"):
@@ -559,7 +580,7 @@ def reproduce(bundle, env_name, harness_ref, model_path, runs_dir, as_json, no_s
             ["oracle outputs on the recorded seeds", "recorded hashes", "", same(report["outputs_identical"])],
             ["correctness", "pass", "pass" if report["correct"] else "FAIL", same(report["correct"], "ok", "FAILED")],
             ["speedup over the base", fmt(report["speedup_recorded"])
-             + (f"; cumulative {cumulative:.4f}x" if isinstance(cumulative, (int, float)) else ""),
+             + (f"; cumulative {numbers.speedup(cumulative)}" if isinstance(cumulative, (int, float)) else ""),
              fmt(report["speedup_now"]), same(report["speedup_consistent"], "consistent", "NOT REPRODUCED")],
             ["fingerprint fields that differ", "", ", ".join(report["fingerprint_differences"]) or "none", ""],
             ["sandbox", "", isolation, ""],
@@ -875,12 +896,15 @@ def _print_agent_plan(agent, budget_s: float, max_usd: float) -> str:
 
 
 def _print_summary(s: dict) -> None:
-    click.echo(f"best: {s['best_speedup']:.4f}x over the baseline ({s['metric']} baseline "
-               f"{s['baseline_metric']})" if s["baseline_metric"] is not None else "no baseline measured")
-    click.echo(f"kept commits: {', '.join(f'{c} ({g:.4f}x)' for c, g in s['kept']) or 'none'}")
+    from . import fmt
+
+    click.echo(f"best: {fmt.speedup(s['best_speedup'])} over the baseline ({s['metric']} baseline "
+               f"{fmt.number(s['baseline_metric'])})" if s["baseline_metric"] is not None else "no baseline measured")
+    click.echo(f"kept commits: {', '.join(f'{c} ({fmt.speedup(g)})' for c, g in s['kept']) or 'none'}")
     click.echo("experiments by verdict: " + (", ".join(f"{k} {v}" for k, v in sorted(s["verdicts"].items())) or "none")
                + f"; rejected {s['rejected']}")
-    click.echo(f"spent: ${s['spent_usd']:.2f}; noise floor {s['noise_floor']}; delta {s['delta']}")
+    click.echo(f"spent: ${s['spent_usd']:.2f}; noise floor {fmt.percent(s['noise_floor'])}; "
+               f"delta {fmt.percent(s['delta'])}")
     if s["pace"]["per_hour"] is not None:
         click.echo(f"pace: {s['pace']['experiments']} experiments in {s['pace']['seconds']:.0f} s, "
                    f"{s['pace']['per_hour']:.1f} per hour")

@@ -19,7 +19,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import stats
+from . import progress, stats
 from .cache import default_cache
 from .envs import Env, Mount
 from .harness import Harness, stage_editable, verify_lock
@@ -91,7 +91,7 @@ def run_evaluation(
                        gpu_index=gpu_index, extra=extra, max_seconds=max_seconds, min_pairs=min_pairs)
     limit = timeout_s or harness.timeout_seconds
     result = env.run(argv, mounts=list(mounts.values()), timeout_s=limit, cpus=cpus, gpus=None,
-                     env={ENV_SANDBOX: request["sandbox"]})
+                     env={ENV_SANDBOX: request["sandbox"]}, on_line=progress.relay)
     tail = scrub((result.stderr or "")[-STDERR_TAIL:])
     if result.timed_out:
         evaluation = Evaluation(harness=harness.name, status=TIMEOUT,

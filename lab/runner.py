@@ -29,8 +29,10 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from . import progress
 from .cache import build_cached, default_cache
-from .errors import CandidateAborted, summary as _summary
+from .errors import CandidateAborted
+from .errors import summary as _summary
 from .harness import Harness, load, verify_lock
 from .records import CRASH, FAIL, Build, Check, CheckItem, Evaluation, Pair, TelemetryBlock, frame
 from .system.process import place_self
@@ -162,12 +164,10 @@ def evaluate(args) -> Evaluation:
     record = Evaluation(harness=harness.name, seeds=list(check_seeds) + [timing_seed],
                         work=harness.workload(), nonce=request.get("nonce", ""), mode=args.mode)
     cache = Path(args.cache) if args.cache else default_cache()
-
-    def say(msg: str) -> None:
-        print(f"[runner] {msg}", file=sys.stderr, flush=True)
+    say = progress.stage  # to the lab, which shows it as it comes
 
     candidate_stage = Path(args.candidate)
-    say(f"building candidate {candidate_stage}")
+    say("building the candidate")
     record.candidate_build = build_cached(harness, candidate_stage, cache)
     if not record.candidate_build.ok:
         record.status, record.reason = FAIL, "build failed: " + record.candidate_build.error[-1500:]
@@ -178,7 +178,8 @@ def evaluate(args) -> Evaluation:
         return _finish(_profile(harness, record, say), started)
 
     if args.mode in ("evaluate", "check", "aa"):  # the A/A baseline is checked too
-        say("checking candidate with the oracle")
+        say(f"checking the {'incumbent' if args.mode == 'aa' else 'candidate'} with the oracle "
+            f"({len(check_seeds)} secret seeds)")
         t0 = time.monotonic()
         try:
             record.check = harness.check(record.candidate_build, list(check_seeds))
@@ -196,24 +197,27 @@ def evaluate(args) -> Evaluation:
     if args.mode == "aa":
         record.incumbent_build = record.candidate_build
     else:
-        say(f"building incumbent {args.incumbent}")
+        say("building the incumbent")
         record.incumbent_build = build_cached(harness, Path(args.incumbent), cache)
         if not record.incumbent_build.ok:
             record.status, record.reason = CRASH, "the incumbent no longer builds: " + record.incumbent_build.error[-1500:]
             return _finish(record, started)
 
     record.timing_cpus, record.busy_cpus = _timing_cpus(harness, args.gpu_index)
-    say(f"timing in interleaved pairs on CPU {record.timing_cpus}"
+    min_pairs = args.min_pairs or harness.min_pairs
+    max_seconds = args.max_seconds or harness.max_timing_seconds
+    say(f"timing in interleaved pairs on CPU {record.timing_cpus}: at least {min_pairs} pairs, "
+        f"until the CI is narrow or {max_seconds:.0f} s have passed"
         + (f" (busy before timing: {record.busy_cpus})" if record.busy_cpus else ""))
     try:
         candidate = record.incumbent_build if args.mode == "aa" else record.candidate_build
         record.pairs, record.telemetry, record.timing_seconds = time_pairs(
             harness, record.incumbent_build, candidate, seed=timing_seed, delta=args.delta,
-            min_pairs=args.min_pairs or harness.min_pairs,
+            min_pairs=min_pairs,
             min_seconds=harness.min_timing_seconds if args.min_seconds is None else args.min_seconds,
-            max_seconds=args.max_seconds or harness.max_timing_seconds,
+            max_seconds=max_seconds,
             telemetry=_telemetry_for(harness, args.gpu_index),
-            progress=lambda n, s: say(f"{n} pairs in {s:.1f} s"),
+            progress=_pair_progress(say),
         )
     except CandidateAborted:
         raise
@@ -231,6 +235,20 @@ def _profile(harness: Harness, record: Evaluation, say) -> Evaluation:
     except Exception as exc:  # a profiler that fails or hangs (ncu, perf): the record says so
         record.status, record.reason = CRASH, "the profile failed: " + _summary(exc)
     return record
+
+
+PAIR_PROGRESS_S = 10.0  # at most one "N pairs" line this often
+
+
+def _pair_progress(say):
+    """The timing's progress callback: the first block, then a line every PAIR_PROGRESS_S."""
+    last = [-PAIR_PROGRESS_S]
+
+    def report(n: int, seconds: float) -> None:
+        if seconds - last[0] >= PAIR_PROGRESS_S:
+            last[0] = seconds
+            say(f"timing: {n} pairs in {seconds:.0f} s ({seconds / n:.2f} s a pair)")
+    return report
 
 
 def _finish(record: Evaluation, started: float) -> Evaluation:

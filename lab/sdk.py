@@ -13,12 +13,13 @@ when a harness imports any other lab module. What is here:
 - `file_lock` / `try_lock` (flock across processes);
 - `sandbox`: the module that runs candidate code (`sandbox.Sandbox`, `Bind`, `Limits`, `kill`, ...);
 - `git`, `git_run`, `git_env` (git without the user's GIT_* variables);
+- `progress`: say what a long step is doing (`progress.stage`, a line or a spinner);
 - `telemetry`: read-only NVML (`open_nvml`, `device_handle`, `read`) for a profile digest.
 """
 
 from __future__ import annotations
 
-from . import sandbox
+from . import progress, sandbox
 from .cache import Entry, build_cached, default_cache, fetch
 from .errors import (CandidateAborted, EnvironmentUnavailable, HarnessContractError, LabError, MissingExtra,
                      summary)
@@ -34,6 +35,6 @@ from .system import telemetry
 __all__ = [
     "Build", "CandidateAborted", "Check", "CheckItem", "Entry", "Environment", "EnvironmentUnavailable",
     "Harness", "HarnessContractError", "LabError", "Metric", "MissingExtra", "Sample", "Status",
-    "build_cached", "default_cache", "fetch", "file_lock", "git", "git_env", "git_run", "load", "require", "sandbox",
+    "build_cached", "default_cache", "fetch", "file_lock", "git", "git_env", "git_run", "load", "progress", "require", "sandbox",
     "sha256_file", "sha256_text", "summary", "telemetry", "tree_files", "tree_hash", "try_lock",
 ]

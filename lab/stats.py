@@ -128,7 +128,10 @@ def decide(x, delta: float, *, confidence: float = DEFAULT_CONFIDENCE, min_pairs
     # margin), so that only effects far beyond delta survive it; everything else is SAME.
     half_width = (hi - lo) / 2
     margin = half_width if budget_exhausted and half_width >= delta / 2 else 0.0
-    if hi + margin <= math.log(1 - delta):
+    # delta >= 1 (a machine so noisy that twice its floor is 100 %): no time is that much
+    # shorter, so nothing can be kept; the bound is -inf rather than a log of a non-positive.
+    faster_by_delta = math.log1p(-delta) if delta < 1 else -math.inf
+    if hi + margin <= faster_by_delta:
         verdict.status, verdict.needs_confirmation = KEEP, True
         gain = speedup(median)
         if gain > BIG_GAIN:
@@ -136,7 +139,7 @@ def decide(x, delta: float, *, confidence: float = DEFAULT_CONFIDENCE, min_pairs
                               "confirm in a fresh process on fresh seeds")
         else:
             verdict.reason = f"the whole {pct} CI is faster by at least delta; confirm in a fresh process"
-    elif lo - margin >= math.log(1 + delta):
+    elif lo - margin >= math.log1p(delta):
         verdict.status = WORSE
         verdict.reason = f"the whole {pct} CI is slower by at least delta"
     elif margin:
@@ -153,27 +156,95 @@ def confirm(verdict: Verdict, confirmation: Verdict, refused: str = "") -> Verdi
     if confirmation.status != KEEP or refused:
         why = refused or f"the confirming run said {confirmation.status}"
         return Verdict.from_dict({**verdict.to_dict(), "status": SAME, "reason": f"not confirmed: {why}"})
-    speedup = math.exp(-verdict.median)
     reason = "confirmed in a fresh process on fresh seeds" + (
-        f" ({math.exp(-confirmation.median):.2f}x there)" if confirmation.median is not None else "")
-    if speedup > BIG_GAIN:
+        f" ({speedup(confirmation.median):.2f}x there)" if confirmation.median is not None else "")
+    if speedup(verdict.median) > BIG_GAIN:
         reason += f"; above {BIG_GAIN}x in one step: worth reading the diff"
     return Verdict.from_dict({**verdict.to_dict(), "reason": reason})
 
 
+# The timing budget is counted in pairs first: a budget that ends before the minimum pair count
+# would only buy a "too few pairs" SAME (seen: MLX on 2 busy cores, 15 of 20 pairs in its 20 s).
+# It stretches up to this many times max_seconds to reach min_pairs; past that the pairs are too
+# slow for the harness's budget, and the SAME says how long they would take.
+MIN_PAIRS_STRETCH = 4.0
+
+
 def should_stop(x, delta: float, *, elapsed_s: float, min_pairs: int, min_seconds: float,
                 max_seconds: float, confidence: float = DEFAULT_CONFIDENCE) -> bool:
-    """Stop timing when the CI is narrow (half-width < delta/2) after the minimums, or at the budget.
+    """Stop timing when the CI is narrow (half-width < delta/2) after the minimums, or at the
+    budget once min_pairs are there (MIN_PAIRS_STRETCH x the budget at most).
 
     The rule looks at the CI's width only, never at where the median lies, so that stopping
     early cannot favour an effect. A broken time stops at once: the verdict is FAIL anyway.
     """
     x = np.asarray(x, dtype=float)
-    if elapsed_s >= max_seconds or not np.all(np.isfinite(x)):
+    if not np.all(np.isfinite(x)):
         return True
-    if x.size < min_pairs or elapsed_s < min_seconds:
+    if x.size < min_pairs:
+        return elapsed_s >= max_seconds * MIN_PAIRS_STRETCH
+    if elapsed_s >= max_seconds:
+        return True
+    if elapsed_s < min_seconds:
         return False
     return _half_width(x, confidence) < delta / 2
+
+
+# A timing longer than this (or more pairs than this) is no practical advice: the noise is the problem.
+REACHABLE_TIMING_S = 1800.0
+REACHABLE_PAIRS = 5000
+
+
+def pairs_to_decide(x, delta: float, confidence: float = DEFAULT_CONFIDENCE) -> int | None:
+    """About how many pairs would bring the CI's half-width under delta/2 (the stop rule's
+    target), by the 1/sqrt(n) law from the pairs at hand; None with fewer than 3 of them."""
+    x = np.asarray(x, dtype=float)
+    if x.size < 3:
+        return None
+    half_width = _half_width(x, confidence)
+    if half_width <= 0:
+        return int(x.size)
+    return max(int(x.size), math.ceil(x.size * (2 * half_width / delta) ** 2))
+
+
+def undecided_advice(x, delta: float, *, seconds_per_pair: float | None, min_pairs: int,
+                     confidence: float = DEFAULT_CONFIDENCE) -> str:
+    """Why a SAME is a SAME, in numbers, and what would decide it: the smallest effect these
+    pairs could have shown (MDE), and the pairs (and timing seconds) a decision would take.
+
+    A CI narrower than the stop rule's target that still reaches inside +-delta is a decision:
+    any change is smaller than delta. A wider one is not: it needs more pairs, a longer timing
+    budget, or quieter cores (a lower noise floor lowers delta's share of the noise)."""
+    x = np.asarray(x, dtype=float)
+    pct = f"{confidence * 100:g}%"
+    if x.size < 3:
+        return (f"only {x.size} pair(s), too few for a CI: a longer timing budget (lab bench --time-cap) "
+                "or quieter cores")
+    median, lo, hi = median_ci(x, confidence)
+    half_width = (hi - lo) / 2
+    measured = (f"{pct} CI of the speedup {math.exp(-hi):.3f}-{math.exp(-lo):.3f}x over {x.size} pairs, "
+                f"MDE {min_detectable_effect(x, confidence=confidence) * 100:.1f}%, delta {delta * 100:.1f}%")
+    if x.size >= min_pairs and half_width < delta / 2:  # converged: the stop rule's answer
+        faster_by_delta = math.log1p(-delta) if delta < 1 else -math.inf
+        if faster_by_delta < lo and hi < math.log1p(delta):
+            return f"{measured}: any change is smaller than delta"
+        return f"{measured}: the change is close to delta ({(math.exp(-median) - 1) * 100:+.1f}%), too close to call"
+    needed = max(pairs_to_decide(x, delta, confidence) or min_pairs, min_pairs)
+    if needed * (seconds_per_pair or 0) > REACHABLE_TIMING_S or needed > REACHABLE_PAIRS:
+        # The noise is far above delta: more pairs are no answer (seen: delta 0.5 % against an
+        # MDE of 56 % on 2 cores shared with other jobs, 4.6 s a pair: ~160,000 pairs).
+        return (f"{measured}; a decision at this delta would take about {needed} pairs: the machine's noise is "
+                "far above delta. Quieter cores decide it (stop other jobs on this machine), or a delta that "
+                "matches this machine's noise (lab noise, then --delta)")
+    advice = f"{measured}; about {needed} pairs would decide it"
+    if seconds_per_pair:
+        seconds = needed * seconds_per_pair
+        cap = max(10, math.ceil(seconds * 1.25 / 10) * 10)
+        advice += (f" (~{seconds:.0f} s of timing at {seconds_per_pair:.2f} s a pair): a timing budget "
+                   f"of {cap} s (lab bench --time-cap {cap}), or quieter cores")
+    else:
+        advice += ": a longer timing budget (lab bench --time-cap), or quieter cores"
+    return advice
 
 
 # --- from a runner's record to a verdict ----------------------------------------------------
@@ -207,6 +278,10 @@ def verdict_for(evaluation: Evaluation, delta: float, *, speed_of_light_seconds:
     budget_exhausted = everything.size >= 2 and _half_width(everything, confidence) >= delta / 2
     verdict = decide(kept, delta, confidence=confidence, min_pairs=min_pairs, budget_exhausted=budget_exhausted)
     verdict.dropped_pairs = dropped_pairs
+    if verdict.status == SAME:  # say why in numbers, and what would decide it
+        per_pair = ev.timing_seconds / len(pairs) if ev.timing_seconds else None
+        verdict.reason += "; " + undecided_advice(kept, delta, seconds_per_pair=per_pair, min_pairs=min_pairs,
+                                                  confidence=confidence)
     if dropped_pairs:
         verdict.reason += f" ({dropped_pairs} pairs of throttled blocks dropped)"
     return verdict

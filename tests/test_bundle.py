@@ -37,9 +37,10 @@ def _kept_run(harness, repo, env):
 
 
 @pytest.fixture
-def bundle(cdot, cdot_repo):
-    lab = _kept_run(cdot, cdot_repo, get("native"))
-    return export(lab.folder.path, cdot), cdot
+def bundle(kept_cdot, cdot):
+    """The session's kept cdot bundle, and a fresh locked cdot of the same files (the colleague's
+    harness, which a test may change)."""
+    return kept_cdot[3], cdot
 
 
 def test_native_bundle_reproduces_bit_for_bit(bundle, tmp_path):

@@ -1,7 +1,8 @@
 """Bundles are hostile input (issue 17.3, 17.4, 16.5): only bundle.json and the harness's editable
 files are taken; no git configuration of the bundle is honoured; every recorded hash is compared;
 a flipped bit is refused by the bundle's own digest before anything runs; `ok` means reproduced,
-and the exit code says which part failed. One kept cdot result is exported once per module."""
+and the exit code says which part failed. One kept cdot result is exported once per session
+(conftest.kept_cdot)."""
 
 import io
 import json
@@ -9,27 +10,20 @@ import tarfile
 
 import pytest
 
-from lab.bundle import EXIT_CODES, content_digest, export, reproduce, speedup_consistent
+from lab.bundle import EXIT_CODES, content_digest, reproduce, speedup_consistent
 from lab.envs import get
 from lab.errors import BundleError
 from lab.harness import load
 from lab.loop import Lab, Settings
 
-from conftest import git, lab_cli, make_cdot_repo
-from test_bundle import _kept_run
+from conftest import git, lab_cli
 from test_workspace_apply import BINARY, MODE_CHANGE, SUBMODULE, SYMLINK_AS_WORK
 
 
 @pytest.fixture(scope="module")
-def kept(tmp_path_factory):
-    """(repo, harness, run folder, bundle) of one KEEP of cdot, made once for the module."""
-    root = tmp_path_factory.mktemp("hostile")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LAB_CACHE", str(root / "cache"))
-        repo = make_cdot_repo(root / "project")
-        harness = load(repo / "harnesses" / "cdot")
-        lab = _kept_run(harness, repo, get("native"))
-        yield repo, harness, lab.folder.path, export(lab.folder.path, harness)
+def kept(kept_cdot):
+    """(repo, harness, run folder, bundle) of one KEEP of cdot (the session's, conftest)."""
+    return kept_cdot
 
 
 def _members(path):

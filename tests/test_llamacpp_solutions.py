@@ -26,6 +26,7 @@ from lab.harness import load
 from lab.workspace import guard_patch
 
 from solutions import expected as expected_verdicts
+from conftest import session_cache_env
 
 HARNESS = Path(__file__).resolve().parent.parent / "harnesses" / "llamacpp"
 SOLUTIONS = HARNESS / "solutions"
@@ -52,12 +53,63 @@ FAILED_CHECKS = {
     "cuda/wrong/skip_after_wall_budget.patch": {"greedy_tokens"},
 }
 BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+# The correct and the timing-decided solutions (pass, SAME) go through a whole evaluation in the
+# timed tests below, oracle first: checking them here as well ran the same oracle twice.
+TIMED = {"cpu": {"correct/decode_chunk_size.patch", "wrong/bench_name_skip.patch", "wrong/detached_spinner.patch"},
+         "cuda": {"cuda/correct/scale_block_size.patch", "cuda/wrong/bench_name_skip.patch",
+                  "cuda/wrong/detached_spinner.patch"}}
 # A patch runs on the backend whose sources it edits; the guard's verdict needs no build.
 SOLUTION_CASES = [pytest.param("cuda" if rel.startswith("cuda/") else "cpu", rel, id=rel,
                                marks=[pytest.mark.gpu] if rel.startswith("cuda/") else [])
-                  for rel in sorted(EXPECTED)]
+                  for rel in sorted(EXPECTED) if EXPECTED[rel] in ("FAIL", "REJECTED")]
+# The timed evaluations: one block of pairs (lab.runner.PAIRS_PER_BLOCK, 5), since no verdict they
+# assert needs more (under 20 pairs a verdict is SAME for too few pairs); what they show is in
+# every timed sample.
+TIMED_PAIRS = dict(max_seconds=10, min_pairs=2)
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def pristine_build(request, tmp_path_factory):
+    """The pinned tree's CPU build, made once per session before the first test here needs it,
+    every stage of it printed on the terminal as it happens (a cold build takes ~10 minutes on 2
+    cores; pytest's capture would otherwise keep them silent): the stages seen, or None where
+    the harness cannot run here (its tests then say why)."""
+    from lab.progress import Progress
+
+    seen = []
+
+    class Recorder(Progress):
+        def stage(self, text):
+            seen.append(text)
+            super().stage(text)
+
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with pytest.MonkeyPatch.context() as mp:  # the caches the tests will use
+        for name, value in session_cache_env(tmp_path_factory).items():
+            mp.setenv(name, value)
+        mp.setenv("LAB_LLAMACPP_BACKEND", "cpu")
+        h = load(HARNESS)
+        try:
+            h.preflight()
+            with capture.global_and_fixture_disabled():
+                print()
+                with Recorder("llama.cpp for the tests: the pristine build"):
+                    h.baseline()
+        except EnvironmentUnavailable:
+            return None
+    return seen
+
+
+def test_the_suites_build_says_what_it_is_doing(pristine_build):
+    if pristine_build is None:
+        _unavailable("llama.cpp cannot be built here (see the other tests' reasons)")
+    if not pristine_build:
+        pytest.skip("the build was already in LAB_TEST_CACHE: nothing to say")
+    assert any(s.startswith("llama.cpp: configuring") for s in pristine_build), pristine_build
+    assert any(s.startswith("llama.cpp: compiling") for s in pristine_build), pristine_build
+    assert any(s.startswith("llama.cpp: built in") for s in pristine_build), pristine_build
 
 
 def _unavailable(reason: str):
@@ -78,9 +130,20 @@ def _harness(backend: str, monkeypatch):
     return h
 
 
+@pytest.fixture
+def harness_for(request, monkeypatch):
+    """_harness for a backend, the CPU one after the session's pristine build (the first test
+    that needs llama.cpp makes it, its stages on the terminal)."""
+    def make(backend: str):
+        if backend == "cpu":
+            request.getfixturevalue("pristine_build")
+        return _harness(backend, monkeypatch)
+    return make
+
+
 @pytest.fixture(params=BACKENDS)
-def llamacpp(request, monkeypatch):
-    return _harness(request.param, monkeypatch)
+def llamacpp(request, harness_for):
+    return harness_for(request.param)
 
 
 def _tree(h, tmp_path: Path, patch: str | None = None) -> Path:
@@ -97,10 +160,23 @@ def _check(h, tmp_path, patch=None):
     return run_evaluation(h, _tree(h, tmp_path, patch), tmp_path / "work", env=get("native"), mode="check")
 
 
-def test_pristine_tree_passes_its_own_oracle(llamacpp, tmp_path):
+def test_pristine_tree_passes_its_own_oracle_on_a_model_given_by_path(llamacpp, tmp_path):
+    """The pristine tree passes every part of the oracle. Its model is given by path, as
+    `--model PATH` does (the default model under another name and folder; one oracle run for
+    both): that file is what the runner's oracle runs, and its identity is in the fingerprint."""
+    default = llamacpp.model()
+    chosen = tmp_path / "models" / "my-model.gguf"
+    chosen.parent.mkdir()
+    try:
+        os.link(default.path, chosen)
+    except OSError:  # another filesystem
+        shutil.copyfile(default.path, chosen)
+    assert llamacpp.use_model(chosen)["sha256"] == default.sha256
     out = _check(llamacpp, tmp_path)
     assert out.verdict.status == "PASS", (out.verdict, out.stderr_tail)
     check = out.evaluation.check
+    assert check.lines[0].startswith("model my-model.gguf (gemma3, sha256 a5fd3b62230a")
+    assert out.evaluation.fingerprint["model"]["name"] == "my-model.gguf"
     cuda = llamacpp.backend == "cuda"
     assert {i.name for i in check.items} == {"greedy_tokens", "prompt_logits", "perplexity", "llama_bench_tg128"} | (
         {"cuda_ops"} if cuda else set())
@@ -113,33 +189,21 @@ def test_pristine_tree_passes_its_own_oracle(llamacpp, tmp_path):
     assert build.info["backend"] == llamacpp.backend and (build.info["cuda_arch"] != "") == cuda
 
 
-def test_a_model_given_by_path_reaches_the_runner(monkeypatch, tmp_path):
-    """`--model PATH` on the real harness: the file (the default model under another name and
-    folder) is what the runner's oracle runs, and its identity is in the record's fingerprint."""
-    h = _harness("cpu", monkeypatch)
-    default = h.model()
-    chosen = tmp_path / "models" / "my-model.gguf"
-    chosen.parent.mkdir()
-    try:
-        os.link(default.path, chosen)
-    except OSError:  # another filesystem
-        shutil.copyfile(default.path, chosen)
-    assert h.use_model(chosen)["sha256"] == default.sha256
-    out = _check(h, tmp_path)
-    assert out.verdict.status == "PASS", (out.verdict, out.stderr_tail)
-    assert out.evaluation.check.lines[0].startswith("model my-model.gguf (gemma3, sha256 a5fd3b62230a")
-    assert out.evaluation.fingerprint["model"]["name"] == "my-model.gguf"
+def test_every_solution_is_checked_once():
+    timed = TIMED["cpu"] | TIMED["cuda"]
+    assert {rel for rel, v in EXPECTED.items() if v in ("pass", "SAME")} == timed
+    assert timed.isdisjoint(p.values[1] for p in SOLUTION_CASES)
 
 
 @pytest.mark.parametrize("backend, patch", SOLUTION_CASES)
-def test_solution_verdicts_through_the_real_oracle(backend, patch, tmp_path, monkeypatch):
+def test_solution_verdicts_through_the_real_oracle(backend, patch, tmp_path, harness_for):
     expected = EXPECTED[patch]
     text = (SOLUTIONS / patch).read_text()
     if expected == "REJECTED":
         with pytest.raises(PatchRejected, match="outside the editable surface"):
             guard_patch(text, load(HARNESS))
         return
-    llamacpp = _harness(backend, monkeypatch)
+    llamacpp = harness_for(backend)
     guard_patch(text, llamacpp)
     out = _check(llamacpp, tmp_path, patch)
     # SAME: correct wherever it is checked; decided by timing (the tests below)
@@ -200,14 +264,15 @@ def _evaluate(h, tmp_path, patch, **kw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_cheat_inside_llama_bench_alone_is_never_kept(backend, tmp_path, monkeypatch):
+def test_a_cheat_inside_llama_bench_alone_is_never_kept(backend, tmp_path, harness_for):
     """The issue's exploit (a quarter of the decode rows skipped inside llama-bench only): the old
     harness KEPT it at 2.9x. llama-bench still shows the gain (informational); no verdict rests on
     it: every timed sample runs the checked driver, where it does the full work."""
-    h = _harness(backend, monkeypatch)
+    h = harness_for(backend)
     patch = "wrong/bench_name_skip.patch" if backend == "cpu" else "cuda/wrong/bench_name_skip.patch"
-    out = _evaluate(h, tmp_path, patch, max_seconds=30, min_pairs=4)
+    out = _evaluate(h, tmp_path, patch, **TIMED_PAIRS)
     ev = out.evaluation
+    assert ev.check.passed, ev.check.lines  # correct wherever it is checked: only timing decides
     assert out.verdict.status in ("SAME", "WORSE"), (out.verdict, ev.reason, out.stderr_tail)
     assert ev.pairs and all(p.candidate.ok and p.incumbent.ok for p in ev.pairs)
     tg = next(i for i in ev.check.items if i.name == "llama_bench_tg128").values
@@ -219,23 +284,25 @@ def test_a_cheat_inside_llama_bench_alone_is_never_kept(backend, tmp_path, monke
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_detached_process_dies_with_its_sample(backend, tmp_path, monkeypatch):
+def test_a_detached_process_dies_with_its_sample(backend, tmp_path, harness_for):
     """A daemon forked at the first decode (own session, double fork) that would burn CPU while
     the incumbent is timed dies with the sandbox of its sample: not KEPT, and no daemon is left."""
-    h = _harness(backend, monkeypatch)
+    h = harness_for(backend)
     patch = "wrong/detached_spinner.patch" if backend == "cpu" else "cuda/wrong/detached_spinner.patch"
-    out = _evaluate(h, tmp_path, patch, max_seconds=30, min_pairs=4)
+    out = _evaluate(h, tmp_path, patch, **TIMED_PAIRS)
     assert out.verdict.status in ("SAME", "WORSE"), (out.verdict, out.evaluation.reason, out.stderr_tail)
+    assert out.evaluation.check.passed, out.evaluation.check.lines
     left = subprocess.run(["pgrep", "-x", "lab-spinner"], capture_output=True, text=True).stdout
     assert not left.strip(), f"the daemon outlived its sample: {left}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_correct_change_is_not_rejected_by_the_timed_checks(backend, tmp_path, monkeypatch):
+def test_a_correct_change_is_not_rejected_by_the_timed_checks(backend, tmp_path, harness_for):
     """No false rejections: every timed sample of a known-correct change passes its check."""
-    h = _harness(backend, monkeypatch)
+    h = harness_for(backend)
     patch = "correct/decode_chunk_size.patch" if backend == "cpu" else "cuda/correct/scale_block_size.patch"
-    out = _evaluate(h, tmp_path, patch, max_seconds=30, min_pairs=4)
+    out = _evaluate(h, tmp_path, patch, **TIMED_PAIRS)
     ev = out.evaluation
+    assert ev.check.passed, ev.check.lines
     assert out.verdict.status in ("KEEP", "SAME", "WORSE"), (out.verdict, ev.reason, out.stderr_tail)
     assert ev.pairs and all(p.candidate.ok and p.incumbent.ok for p in ev.pairs), ev.reason

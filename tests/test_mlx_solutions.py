@@ -131,8 +131,12 @@ def test_solution_verdict(mlx_harness, tmp_path, patch):
         assert out.verdict.status == "TIMEOUT", (out.verdict, out.stderr_tail)
         _no_worker_survived()
         return
-    # the cheat of CAUGHT_WHEN_TIMED starts at the 13th request: time long enough to get there
-    out = _evaluate(mlx_harness, tmp_path, patch, **({"max_seconds": 120} if patch in CAUGHT_WHEN_TIMED else {}))
+    # the cheat of CAUGHT_WHEN_TIMED starts at the 13th request: time long enough to get there. A
+    # SAME's assertions hold for any number of pairs (never KEEP; the lab's own clock; no daemon
+    # left): a block or two of pairs, not the 20 a decision takes (80 s on 2 busy cores).
+    timing = {"max_seconds": 120} if patch in CAUGHT_WHEN_TIMED else \
+        {"max_seconds": 3, "min_pairs": 5} if expected == "SAME" else {}
+    out = _evaluate(mlx_harness, tmp_path, patch, **timing)
     status, ev = out.verdict.status, out.evaluation
     if expected == "SAME":
         # Decided by the real timing alone, whatever the pipeline reports about itself: never

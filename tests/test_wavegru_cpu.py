@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lab.extras import require
 from lab.harness import load
 
 HARNESS = Path(__file__).resolve().parent.parent / "harnesses" / "wavegru"
@@ -81,7 +82,7 @@ def test_weights_are_seeded_shaped_and_bf16(wg):
 @pytest.fixture(scope="module")
 def calib(wg):
     """fp32 and fp64 references on the same weights and noise (T=96, B=2)."""
-    import torch
+    torch = require("torch")  # the [cuda] extra: where it is not installed, these tests skip saying so
 
     torch.set_num_threads(2)
     W = wg["weights"].make_weights(3)

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.sdk import Build, EnvironmentUnavailable, file_lock, sandbox, sha256_file, tree_hash
+from lab.sdk import Build, EnvironmentUnavailable, file_lock, progress, sandbox, sha256_file, tree_hash
 
 from . import source
 
@@ -219,6 +219,7 @@ def build(staged: Path, out: Path, *, home: Path, flavor: Flavor, is_editable, r
             # can write anywhere it can reach): start again from the pinned tree.
             shutil.rmtree(src, ignore_errors=True)
             shutil.rmtree(bld, ignore_errors=True)
+            progress.stage(f"llama.cpp: exporting the pinned tree {source.COMMIT} into the build cache")
             source.export_pristine(repo, src)
             install_driver(src, repo)
             marker.write_text(_locked_manifest(src, is_editable))
@@ -230,6 +231,7 @@ def build(staged: Path, out: Path, *, home: Path, flavor: Flavor, is_editable, r
         box = _build_box(src, bld, Path(env["CCACHE_DIR"]), env, flavor.backend == "cuda")
         log_parts = []
         if not (bld / "build.ninja").exists():
+            progress.stage(f"llama.cpp: configuring ({flavor.backend} backend, cmake)")
             proc = _run_sandboxed(box, ["cmake", "-S", str(src), "-B", str(bld), *flavor.cmake_args()],
                                   flavor.backend == "cuda")
             log_parts.append(proc.stdout + proc.stderr)
@@ -238,6 +240,10 @@ def build(staged: Path, out: Path, *, home: Path, flavor: Flavor, is_editable, r
                 return Build(ok=False, source_hash="", error="cmake configure failed:\n" + _errors(text),
                              report=text[-4000:], seconds=time.monotonic() - started)
         cmd = ["cmake", "--build", str(bld), "-j", str(jobs or os.cpu_count() or 2), "--target", *flavor.tools]
+        cold = not (bld / "bin" / flavor.tools[0]).exists()
+        progress.stage(f"llama.cpp: compiling the whole tree and linking {len(flavor.tools)} tools (a cold build: "
+                       "~10 min on 2 cores, a minute or two once ccache has the objects)" if cold else
+                       f"llama.cpp: recompiling {len(changed)} changed file(s), linking {len(flavor.tools)} tools")
         try:
             proc = _run_sandboxed(box, cmd, flavor.backend == "cuda")
         except subprocess.TimeoutExpired:
@@ -253,6 +259,7 @@ def build(staged: Path, out: Path, *, home: Path, flavor: Flavor, is_editable, r
         for tool in flavor.tools:
             shutil.copy2(bld / "bin" / tool, bindir / tool)
     compiled = len(re.findall(r"Building (?:C|CXX|CUDA) object", text))
+    progress.stage(f"llama.cpp: built in {time.monotonic() - started:.0f} s ({compiled} objects compiled)")
     info = {"backend": flavor.backend, "cuda_arch": flavor.cuda_arch, "llama_cpp_commit": source.COMMIT,
             "tree_hash": source.TREE_HASH, "cmake_args": " ".join(flavor.cmake_args()),
             "changed_files": edited, "files_rewritten": len(changed), "objects_compiled": compiled,

@@ -34,7 +34,7 @@ from functools import cached_property
 from pathlib import Path
 
 from lab.sdk import (Build, Check, CheckItem, Environment, EnvironmentUnavailable, Harness, Metric, Sample,
-                     build_cached, default_cache)
+                     build_cached, default_cache, progress)
 
 from . import bench, build as builder, driver, model as models, oracle, source
 from .profile import cpu_digest, cuda_digest
@@ -161,6 +161,7 @@ class LlamaCpp(Harness):
                             changed=build.info.get("changed_files", []),
                             greedy=lambda seed: self._unit(self.load(build, threads), seed, base))
         if result.passed:
+            progress.stage("llama.cpp: llama-bench tg128 of candidate and baseline (informational)")
             item, line = self._llama_bench(build, base)
             result.items.append(item)
             result.lines.insert(len(result.lines) - 1, line)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.sdk import Check, CheckItem, Sample, sandbox
+from lab.sdk import Check, CheckItem, Sample, progress, sandbox
 
 from . import driver, gguf
 
@@ -182,10 +182,14 @@ def run(candidate: Tools, reference: Reference, seeds: list[int], changed: list[
     the CUDA ops that test-backend-ops compares with the CPU on a CUDA build."""
     t0 = time.monotonic()
     items, lines, hashes = [], [], {}
+    progress.stage(f"llama.cpp oracle: {N_PROBES} greedy probes against the baseline's logits")
     items.append(_greedy(greedy, probe_seeds(seeds), lines, hashes))
+    progress.stage("llama.cpp oracle: prompt logits, candidate and baseline")
     items.append(_logits(candidate, reference, seeds, lines))
+    progress.stage("llama.cpp oracle: perplexity")
     items.append(_perplexity(candidate, reference, lines))
     if candidate.backend == "cuda":
+        progress.stage("llama.cpp oracle: test-backend-ops on the CUDA ops the candidate touched")
         items.append(_cuda_ops(candidate, touched_cuda_ops(changed), lines))
     passed = all(i.passed for i in items)
     lines.append(f"oracle: {'pass' if passed else 'FAIL'} ({time.monotonic() - t0:.1f} s)")

@@ -48,5 +48,8 @@ class Env:
         gpus: list[int] | None = None,
         env: dict | None = None,
         network: bool = False,
+        on_line=None,
     ) -> RunResult:
+        """Run argv; `on_line`, where given, gets each line of its stderr as it comes (the
+        runner's progress; an environment that cannot stream hands none, the result has all)."""
         raise NotImplementedError

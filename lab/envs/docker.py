@@ -147,7 +147,9 @@ class DockerEnv(Env):
         user = (image.attrs.get("Config") or {}).get("User") or ""
         return NOBODY if user.split(":")[0] in ("", "0", "root") else user
 
-    def run(self, argv, *, mounts, timeout_s, cpus=None, gpus=None, env=None, network=False):
+    def run(self, argv, *, mounts, timeout_s, cpus=None, gpus=None, env=None, network=False, on_line=None):
+        # on_line: not streamed from a container (its logs are read once it ends); the lab's
+        # progress says only that the evaluation is running, with its elapsed time.
         image = self._image_object()
         user = self._user(image)
         child_env = secret_free({**self.extra_env, **(env or {})})

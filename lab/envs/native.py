@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from ..scrub import SECRET_MARKERS
@@ -17,9 +18,10 @@ from ..system.process import placement_env
 from .base import Env, Mount, RunResult
 
 
-def run_process_group(argv, *, timeout_s, env=None, cwd=None) -> RunResult:
+def run_process_group(argv, *, timeout_s, env=None, cwd=None, on_line=None) -> RunResult:
     """Run argv in a new session; on timeout kill the whole group (a hung kernel, a forked
-    helper, a compiler) with SIGKILL, so that nothing keeps running or holding the GPU."""
+    helper, a compiler) with SIGKILL, so that nothing keeps running or holding the GPU.
+    `on_line` gets each line of stderr as it comes (the runner's progress), besides the whole."""
     start = time.monotonic()
     proc = subprocess.Popen(
         argv,
@@ -31,24 +33,49 @@ def run_process_group(argv, *, timeout_s, env=None, cwd=None) -> RunResult:
         cwd=cwd,
         start_new_session=True,
     )
+    out: list[str] = []
+    err: list[str] = []
+    readers = [threading.Thread(target=_drain, args=(proc.stdout, out, None), daemon=True),
+               threading.Thread(target=_drain, args=(proc.stderr, err, on_line), daemon=True)]
+    for reader in readers:
+        reader.start()
     try:
-        out, err = proc.communicate(timeout=timeout_s)
+        proc.wait(timeout=timeout_s)
         timed_out = False
     except subprocess.TimeoutExpired:
         kill_group(proc.pid)
-        out, err = proc.communicate()
+        proc.wait()
         timed_out = True
     except BaseException:
         kill_group(proc.pid)  # Ctrl-C or an error in the lab: leave no runner behind
         proc.wait()
         raise
+    for reader in readers:
+        # A daemon that left the group may still hold a pipe: its output is not waited for.
+        reader.join(timeout=PIPE_GRACE_S)
     return RunResult(
         returncode=None if timed_out else proc.returncode,
-        stdout=out,
-        stderr=err,
+        stdout="".join(out),
+        stderr="".join(err),
         timed_out=timed_out,
         seconds=time.monotonic() - start,
     )
+
+
+PIPE_GRACE_S = 30.0
+
+
+def _drain(stream, into: list[str], on_line) -> None:
+    """Read a pipe to its end into `into`, handing each line to `on_line` (whose failure never
+    stops the reading: the record travels on these pipes)."""
+    for line in stream:
+        into.append(line)
+        if on_line is not None:
+            try:
+                on_line(line)
+            except Exception:
+                pass
+    stream.close()
 
 
 def kill_group(pid: int) -> None:
@@ -68,7 +95,7 @@ class NativeEnv(Env):
     def path_of(self, mount: Mount) -> str:
         return str(mount.host)
 
-    def run(self, argv, *, mounts, timeout_s, cpus=None, gpus=None, env=None, network=False):
+    def run(self, argv, *, mounts, timeout_s, cpus=None, gpus=None, env=None, network=False, on_line=None):
         # Natively the network cannot be taken away without privileges; the runner still gets
         # no secrets (see `scrubbed_environ`).
         child_env = scrubbed_environ()
@@ -79,7 +106,7 @@ class NativeEnv(Env):
         child_env.update(placement_env(cpus))  # the runner applies it itself (lab/system/process.py)
         if argv and argv[0] == "python":
             argv = [sys.executable] + argv[1:]
-        return run_process_group(argv, timeout_s=timeout_s, env=child_env)
+        return run_process_group(argv, timeout_s=timeout_s, env=child_env, on_line=on_line)
 
 
 def scrubbed_environ() -> dict:

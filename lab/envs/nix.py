@@ -54,7 +54,7 @@ class NixEnv(NativeEnv):
     def command(self, argv: list[str]) -> list[str]:
         return ["nix", *NIX_FLAGS, "develop", f"{self.flake}#{self.shell}", "--command", *argv]
 
-    def run(self, argv, *, mounts, timeout_s, cpus=None, gpus=None, env=None, network=False):
+    def run(self, argv, *, mounts, timeout_s, cpus=None, gpus=None, env=None, network=False, on_line=None):
         self.preflight()
         return super().run(self.command(list(argv)), mounts=mounts, timeout_s=timeout_s, cpus=cpus,
-                           gpus=gpus, env=env, network=network)
+                           gpus=gpus, env=env, network=network, on_line=on_line)
