@@ -70,9 +70,9 @@ def test_a_keep_stands_only_when_its_confirmation_says_keep_on_the_same_machine(
         lab.folder.append("proposed", number=n, hypothesis=text, ledger=f"{n:04d}", cost_usd=0)
         event = lab.experiment_on(plan[-1], Proposal(patch=variant(n), hypothesis=text), n)
         if text == "kept":
-            assert event["verdict"]["status"] == KEEP and event["status"] == "keep"
+            assert event["verdict"]["status"] == KEEP and event["status"] == KEEP
         else:
-            assert event["verdict"]["status"] == SAME and event["status"] == "discard"
+            assert event["verdict"]["status"] == SAME and event["status"] == SAME
             assert event["verdict"]["reason"].startswith("not confirmed: the confirming run")
             assert text.split()[-1] in event["verdict"]["reason"]
             assert lab.workspace.head() == lab.folder.meta["base_commit"], "nothing reached the branch"

@@ -9,7 +9,7 @@ from solutions import Expected, SchemaError, expected, parse, shipped
 
 from lab.records import Status
 
-HARNESSES = sorted(p.parent for base in (REPO / "harnesses", REPO / "tests" / "harnesses")
+HARNESSES = sorted(p.parent for base in (REPO / "harnesses", REPO / "examples")
                    for p in base.glob("*/solutions"))
 
 
