@@ -27,11 +27,26 @@ def _has_gpu() -> bool:
 HAS_GPU = _has_gpu()
 
 
+# The slowest tests of modules not marked slow as a whole, by name: over 20 s each in a whole-suite
+# run on 2 cores shared with other jobs (2026-12-02, `--durations`). `pytest -m "not slow"` is the
+# quick round without them and without the real harnesses' suites.
+SLOW = {
+    "test_a_night_of_faults_compressed",  # 85 s
+    "test_a_colleague_reproduces_a_kept_result_from_another_checkout",  # 52 s
+    "test_a_bundle_measured_on_a_chosen_model_reproduces_only_on_that_model",  # 45 s
+    "test_loop_with_the_anthropic_agent",  # 25 s
+    "test_kill_9_mid_evaluation_then_resume",  # 24 s
+    "test_a_winner_that_no_longer_applies_is_rejected_as_stale",  # 20 s
+}
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU; none is visible on this machine")
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)
+        if getattr(item, "originalname", item.name) in SLOW:
+            item.add_marker(pytest.mark.slow)
 
 
 def _in_ci() -> bool:

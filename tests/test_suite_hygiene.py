@@ -10,13 +10,23 @@ import sys
 import tomllib
 from pathlib import Path
 
-from conftest import HERE, REPO, _pids, stop_started
+from conftest import HERE, REPO, SLOW, _pids, stop_started
 
 
 def test_every_run_shows_the_slowest_tests():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert "--durations=20" in config["addopts"].split()
     assert any(m.startswith("slow:") for m in config["markers"])
+
+
+def test_the_slowest_tests_are_marked_and_exist():
+    """`pytest -m "not slow"` leaves out every name in conftest.SLOW; a renamed test must not
+    silently fall out of the list."""
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "slow",
+                                "-p", "no:cacheprovider", str(HERE)], cwd=REPO, capture_output=True, text=True,
+                               timeout=300).stdout
+    names = {line.split("::")[-1].split("[")[0] for line in collected.splitlines() if "::" in line}
+    assert SLOW <= names, SLOW - names
 
 
 def _run_suite(tmp_path: Path, ci: str) -> subprocess.CompletedProcess:
