@@ -14,6 +14,7 @@ from lab.envs import get
 from lab.errors import LabError
 from lab.executors import LocalExecutor
 from lab.loop import Lab, Settings
+from lab.records import KEEP
 from lab.slots import check_gpus, parse_gpus, plan_slots
 from lab.store import RunFolder
 from lab.workspace import git
@@ -151,7 +152,7 @@ def test_a_second_winner_against_an_old_incumbent_is_retimed_against_the_new_one
     lab.loop(ListAgent([(FIX_A, "fast half a"), (FIX_B, "fast half b")]))
     events = lab.folder.events()
     evaluated = by_number(events, "evaluated")
-    assert [evaluated[n]["status"] for n in (1, 2)] == ["keep", "keep"], [e["verdict"] for e in evaluated.values()]
+    assert [evaluated[n]["status"] for n in (1, 2)] == [KEEP, KEEP], [e["verdict"] for e in evaluated.values()]
     stale = [e for e in events if e["type"] == "stale_keep"]
     assert len(stale) == 1, "exactly one of the two won against an incumbent that had moved on"
     second = stale[0]["number"]
