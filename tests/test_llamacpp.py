@@ -295,6 +295,19 @@ def test_solutions_are_listed_and_the_guard_sorts_them(lc):
             assert all(h.is_editable(p) for p in guard_patch(patch, h))
 
 
+def test_only_sources_of_the_backends_are_editable(lc):
+    """Build files and scripts under the editable roots are locked: nothing a candidate writes runs
+    at build time (CMake would run a CMakeLists.txt's commands with the build folder writable)."""
+    h = lc["harness"]
+    for rel in ("ggml/src/ggml-cpu/ops.cpp", "ggml/src/ggml-cpu/vec.h", "ggml/src/ggml-cuda/mmvq.cu",
+                "ggml/src/ggml-cuda/common.cuh"):
+        assert h.is_editable(rel), rel
+    for rel in ("ggml/src/ggml-cpu/CMakeLists.txt", "ggml/src/ggml-cpu/cmake/FindSIMD.cmake",
+                "ggml/src/ggml-cuda/template-instances/generate_cu_files.py", "ggml/src/ggml-cpu/build.sh",
+                "ggml/src/ggml.c", "src/llama.cpp"):
+        assert not h.is_editable(rel), rel
+
+
 # --- the build overlay -----------------------------------------------------------------------------
 def test_overlay_rewrites_only_what_differs(lc, tmp_path):
     b = lc["build"]

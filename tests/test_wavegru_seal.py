@@ -43,7 +43,7 @@ def test_include_rule(wg, tmp_path):
     ok = ["/stage/kernel.cu", "wavegru.h", str(toolkit / "include" / "cuda_runtime.h"), "/usr/include/stdio.h"]
     assert b.include_problem(ok, "/stage", toolkit) is None
     for bad, shown in (("/etc/passwd", "/etc/passwd"), ("/usr/include/../../etc/shadow", "/etc/shadow"),
-                       ("/stage/../work/lab/harness.py", "/work/lab/harness.py"), ("/stage/seeds.json", "seeds.json"),
+                       ("/stage/../outside/lab/harness.py", "/outside/lab/harness.py"), ("/stage/seeds.json", "seeds.json"),
                        (str(toolkit / "bin" / "nvcc.profile"), "nvcc.profile")):
         reason = b.include_problem(ok + [bad], "/stage", toolkit)
         assert reason and shown in reason and "\n" not in reason, (bad, reason)

@@ -40,6 +40,7 @@ from . import bench, build as builder, driver, model as models, oracle, source
 from .profile import cpu_digest, cuda_digest
 
 EDITABLE_ROOTS = ("ggml/src/ggml-cpu", "ggml/src/ggml-cuda")
+SOURCE_SUFFIXES = (".c", ".cpp", ".h", ".hpp", ".inc", ".cu", ".cuh")  # what compilers read, nothing they run
 TIMING_THREADS = 1  # lab.runner pins the timing to one core (choose_timing_cpus(1)); the oracle's probes match it
 ENV_BACKEND = "LAB_LLAMACPP_BACKEND"
 
@@ -68,12 +69,11 @@ class LlamaCpp(Harness):
     model_help = "a GGUF model file"
 
     def is_editable(self, relpath: str) -> bool:
-        """The backends' sources, not their build files: CMake runs what a CMakeLists.txt says
-        while the shared build folder and the compiler cache are writable, so a candidate that
-        could edit one could plant objects for every later build. Sources only compile; none of
-        a candidate's code runs at build time."""
-        name = relpath.rsplit("/", 1)[-1]
-        return super().is_editable(relpath) and name != "CMakeLists.txt" and not name.endswith(".cmake")
+        """The backends' C, C++ and CUDA sources only, not their build files or scripts: CMake runs
+        what a CMakeLists.txt or a .cmake file says while the shared build folder and the
+        compiler cache are writable, so a candidate that could edit one could plant objects for
+        every later build. Sources only compile; none of a candidate's code runs at build time."""
+        return super().is_editable(relpath) and relpath.endswith(SOURCE_SUFFIXES)
 
     def __init__(self, root: Path):
         super().__init__(root)
