@@ -332,19 +332,31 @@ def test_clock_lock_at_a_requested_clock_and_out_of_range():
     assert not [c for c in nvml.names() if "Locked" in c]
 
 
-def test_clock_lock_restores_on_exception_and_sigint():
+def test_clock_lock_restores_on_exception_and_sigint(tmp_path):
     nvml = FakeNVML()
     with pytest.raises(ZeroDivisionError):
         with clocks.ClockLock(0, nvml=nvml, geteuid=as_root):
             1 / 0
     assert nvml.names()[-2:] == ["nvmlDeviceResetGpuLockedClocks", "nvmlDeviceResetMemoryLockedClocks"]
 
-    nvml = FakeNVML()
-    with pytest.raises(KeyboardInterrupt):
-        with clocks.ClockLock(0, nvml=nvml, geteuid=as_root):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)  # not reached: the handler raises KeyboardInterrupt
-    resets = [c for c in nvml.names() if c.startswith("nvmlDeviceReset")]
+    # SIGINT in a process of its own: signal dispositions and masks are the whole process's, and
+    # libraries that earlier tests load into pytest's process (Ray's driver, for one) change them.
+    log = tmp_path / "calls.log"
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {str(HERE)!r})
+        from test_system import FakeNVML
+        from lab.system.clocks import ClockLock
+        try:
+            with ClockLock(0, nvml=FakeNVML(log={str(log)!r}), geteuid=lambda: 0):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # not reached: the handler raises KeyboardInterrupt
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt", flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "KeyboardInterrupt", (done.stdout, done.stderr)
+    resets = [line.split()[0] for line in log.read_text().splitlines() if line.startswith("nvmlDeviceReset")]
     assert resets == ["nvmlDeviceResetGpuLockedClocks", "nvmlDeviceResetMemoryLockedClocks"]  # once
 
 
