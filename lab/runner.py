@@ -152,6 +152,8 @@ def _telemetry_for(harness: Harness, gpu_index: int):
 
 # --- one evaluation ---------------------------------------------------------------------------
 def evaluate(args) -> Evaluation:
+    """One evaluation as `args.mode` asks (build, profile, check, aa, evaluate): the record of its
+    steps up to the first that fails or the last the mode asks for."""
     from . import sandbox
 
     started = time.monotonic()
@@ -163,46 +165,67 @@ def evaluate(args) -> Evaluation:
     timing_seed = request.get("timing") or random.SystemRandom().getrandbits(63)
     record = Evaluation(harness=harness.name, seeds=list(check_seeds) + [timing_seed],
                         work=harness.workload(), nonce=request.get("nonce", ""), mode=args.mode)
+    _run_steps(harness, record, args, check_seeds, timing_seed)
+    return _finish(record, started)
+
+
+def _run_steps(harness: Harness, record: Evaluation, args, check_seeds: list[int], timing_seed: int) -> None:
+    """Build the candidate, then profile it or check it, build the incumbent and time the pair; a
+    step that fails writes its status and reason into `record` and ends the evaluation there."""
     cache = Path(args.cache) if args.cache else default_cache()
     say = progress.stage  # to the lab, which shows it as it comes
 
-    candidate_stage = Path(args.candidate)
     say("building the candidate")
-    record.candidate_build = build_cached(harness, candidate_stage, cache)
+    record.candidate_build = build_cached(harness, Path(args.candidate), cache)
     if not record.candidate_build.ok:
         record.status, record.reason = FAIL, "build failed: " + record.candidate_build.error[-1500:]
-        return _finish(record, started)
+        return
     if args.mode == "build":  # the agent's compile tool
-        return _finish(record, started)
+        return
     if args.mode == "profile":  # the agent's profile tool: informative, never a verdict
-        return _finish(_profile(harness, record, say), started)
-
+        _profile(harness, record, say)
+        return
     if args.mode in ("evaluate", "check", "aa"):  # the A/A baseline is checked too
-        say(f"checking the {'incumbent' if args.mode == 'aa' else 'candidate'} with the oracle "
-            f"({len(check_seeds)} secret seeds)")
-        t0 = time.monotonic()
-        try:
-            record.check = harness.check(record.candidate_build, list(check_seeds))
-        except CandidateAborted:
-            raise
-        except Exception as exc:
-            record.check = Check(passed=False, items=[CheckItem("oracle", False, detail="crashed: " + _summary(exc))])
-        record.check.seconds = record.check.seconds or time.monotonic() - t0
-        if not record.check.passed:
-            record.status, record.reason = FAIL, "oracle: " + "; ".join(record.check.failures())[:1500]
-            return _finish(record, started)
-        if args.mode == "check":
-            return _finish(record, started)
-
+        if not _check(harness, record, check_seeds, args.mode, say) or args.mode == "check":
+            return
     if args.mode == "aa":
         record.incumbent_build = record.candidate_build
-    else:
-        say("building the incumbent")
-        record.incumbent_build = build_cached(harness, Path(args.incumbent), cache)
-        if not record.incumbent_build.ok:
-            record.status, record.reason = CRASH, "the incumbent no longer builds: " + record.incumbent_build.error[-1500:]
-            return _finish(record, started)
+    elif not _build_incumbent(harness, record, Path(args.incumbent), cache, say):
+        return
+    _run_timing(harness, record, args, timing_seed, say)
 
+
+def _check(harness: Harness, record: Evaluation, check_seeds: list[int], mode: str, say) -> bool:
+    """The oracle on the candidate build (the incumbent's, for an A/A) with the secret seeds; True
+    when it passed. An oracle that crashes is a failed check."""
+    say(f"checking the {'incumbent' if mode == 'aa' else 'candidate'} with the oracle "
+        f"({len(check_seeds)} secret seeds)")
+    t0 = time.monotonic()
+    try:
+        record.check = harness.check(record.candidate_build, list(check_seeds))
+    except CandidateAborted:
+        raise
+    except Exception as exc:
+        record.check = Check(passed=False, items=[CheckItem("oracle", False, detail="crashed: " + _summary(exc))])
+    record.check.seconds = record.check.seconds or time.monotonic() - t0
+    if not record.check.passed:
+        record.status, record.reason = FAIL, "oracle: " + "; ".join(record.check.failures())[:1500]
+    return record.check.passed
+
+
+def _build_incumbent(harness: Harness, record: Evaluation, stage: Path, cache: Path, say) -> bool:
+    """The incumbent's build into `record`; True when it built (one that no longer builds is a
+    CRASH, not the candidate's FAIL)."""
+    say("building the incumbent")
+    record.incumbent_build = build_cached(harness, stage, cache)
+    if not record.incumbent_build.ok:
+        record.status, record.reason = CRASH, "the incumbent no longer builds: " + record.incumbent_build.error[-1500:]
+    return record.incumbent_build.ok
+
+
+def _run_timing(harness: Harness, record: Evaluation, args, timing_seed: int, say) -> None:
+    """The paired timing of the two builds on a pinned core, into `record`; a timing that crashes
+    is a CRASH."""
     record.timing_cpus, record.busy_cpus = _timing_cpus(harness, args.gpu_index)
     min_pairs = args.min_pairs or harness.min_pairs
     max_seconds = args.max_seconds or harness.max_timing_seconds
@@ -223,7 +246,6 @@ def evaluate(args) -> Evaluation:
         raise
     except Exception as exc:
         record.status, record.reason = CRASH, "timing crashed: " + _summary(exc)
-    return _finish(record, started)
 
 
 def _profile(harness: Harness, record: Evaluation, say) -> Evaluation:

@@ -207,45 +207,25 @@ def build(staged: Path, out: Path, *, home: Path, flavor: Flavor, is_editable, r
           jobs: int | None = None) -> Build:
     """Build the tools for `staged` (the candidate's editable files) into `out/bin`."""
     repo = source.prepare_tree(home)
-    # CMake records absolute paths: a cache mounted elsewhere (a container's /cache) gets its own
-    # build folder, and ccache, keyed on relative paths, still shares the objects.
-    workdir = home / "build" / f"{flavor.key}-{hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:8]}"
+    workdir = _workdir(home, flavor)
     src, bld = workdir / "src", workdir / "build"
     started = time.monotonic()
     with file_lock(workdir / ".lock"):
-        marker = workdir / "locked-files.json"
-        if not (marker.exists() and marker.read_text() == _locked_manifest(src, is_editable)):
-            # First use, or a file outside the surface changed since (a candidate's CMake or code
-            # can write anywhere it can reach): start again from the pinned tree.
-            shutil.rmtree(src, ignore_errors=True)
-            shutil.rmtree(bld, ignore_errors=True)
-            progress.stage(f"llama.cpp: exporting the pinned tree {source.COMMIT} into the build cache")
-            source.export_pristine(repo, src)
-            install_driver(src, repo)
-            marker.write_text(_locked_manifest(src, is_editable))
-        elif install_driver(src, repo):  # the harness's driver changed (a new lock)
-            marker.write_text(_locked_manifest(src, is_editable))
+        _refresh_tree(repo, src, bld, workdir / "locked-files.json", is_editable)
         changed = overlay(src, staged, is_editable, roots)
         edited = changed_from_pristine(repo, staged, is_editable, roots)
         env = {**os.environ, **ccache_env(workdir, home)}
         box = _build_box(src, bld, Path(env["CCACHE_DIR"]), env, flavor.backend == "cuda")
         log_parts = []
-        if not (bld / "build.ninja").exists():
-            progress.stage(f"llama.cpp: configuring ({flavor.backend} backend, cmake)")
-            proc = _run_sandboxed(box, ["cmake", "-S", str(src), "-B", str(bld), *flavor.cmake_args()],
-                                  flavor.backend == "cuda")
-            log_parts.append(proc.stdout + proc.stderr)
-            if proc.returncode != 0:
+        configured = _configure(box, src, bld, flavor)
+        if configured is not None:
+            log_parts.append(configured.stdout + configured.stderr)
+            if configured.returncode != 0:
                 text = _sanitize("\n".join(log_parts), workdir)
                 return Build(ok=False, source_hash="", error="cmake configure failed:\n" + _errors(text),
                              report=text[-4000:], seconds=time.monotonic() - started)
-        cmd = ["cmake", "--build", str(bld), "-j", str(jobs or os.cpu_count() or 2), "--target", *flavor.tools]
-        cold = not (bld / "bin" / flavor.tools[0]).exists()
-        progress.stage(f"llama.cpp: compiling the whole tree and linking {len(flavor.tools)} tools (a cold build: "
-                       "~10 min on 2 cores, a minute or two once ccache has the objects)" if cold else
-                       f"llama.cpp: recompiling {len(changed)} changed file(s), linking {len(flavor.tools)} tools")
         try:
-            proc = _run_sandboxed(box, cmd, flavor.backend == "cuda")
+            proc = _compile(box, bld, flavor, jobs, len(changed))
         except subprocess.TimeoutExpired:
             return Build(ok=False, source_hash="", error=f"the build ran past {BUILD_TIMEOUT_S} s",
                          seconds=time.monotonic() - started)
@@ -258,11 +238,61 @@ def build(staged: Path, out: Path, *, home: Path, flavor: Flavor, is_editable, r
         bindir.mkdir(parents=True, exist_ok=True)
         for tool in flavor.tools:
             shutil.copy2(bld / "bin" / tool, bindir / tool)
+    return _built(bindir, text, home=home, flavor=flavor, edited=edited, rewritten=len(changed), started=started)
+
+
+def _workdir(home: Path, flavor: Flavor) -> Path:
+    """The cache's working folder (tree and build) of this flavor. CMake records absolute paths: a
+    cache mounted elsewhere (a container's /cache) gets its own build folder, and ccache, keyed on
+    relative paths, still shares the objects."""
+    return home / "build" / f"{flavor.key}-{hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:8]}"
+
+
+def _refresh_tree(repo: Path, src: Path, bld: Path, marker: Path, is_editable) -> None:
+    """Keep the cached working tree `src` only while its files outside the surface match the
+    manifest in `marker`; else export the pinned tree again (and drop the build folder). Either
+    way the harness's driver is installed in it."""
+    if not (marker.exists() and marker.read_text() == _locked_manifest(src, is_editable)):
+        # First use, or a file outside the surface changed since (a candidate's CMake or code
+        # can write anywhere it can reach): start again from the pinned tree.
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(bld, ignore_errors=True)
+        progress.stage(f"llama.cpp: exporting the pinned tree {source.COMMIT} into the build cache")
+        source.export_pristine(repo, src)
+        install_driver(src, repo)
+        marker.write_text(_locked_manifest(src, is_editable))
+    elif install_driver(src, repo):  # the harness's driver changed (a new lock)
+        marker.write_text(_locked_manifest(src, is_editable))
+
+
+def _configure(box: sandbox.Sandbox, src: Path, bld: Path, flavor: Flavor) -> subprocess.CompletedProcess | None:
+    """CMake's configure step, run only when the build folder has none yet (else None)."""
+    if (bld / "build.ninja").exists():
+        return None
+    progress.stage(f"llama.cpp: configuring ({flavor.backend} backend, cmake)")
+    return _run_sandboxed(box, ["cmake", "-S", str(src), "-B", str(bld), *flavor.cmake_args()],
+                          flavor.backend == "cuda")
+
+
+def _compile(box: sandbox.Sandbox, bld: Path, flavor: Flavor, jobs: int | None,
+             rewritten: int) -> subprocess.CompletedProcess:
+    """Ninja (through cmake --build) on the flavor's tools; TimeoutExpired past BUILD_TIMEOUT_S."""
+    cmd = ["cmake", "--build", str(bld), "-j", str(jobs or os.cpu_count() or 2), "--target", *flavor.tools]
+    cold = not (bld / "bin" / flavor.tools[0]).exists()
+    progress.stage(f"llama.cpp: compiling the whole tree and linking {len(flavor.tools)} tools (a cold build: "
+                   "~10 min on 2 cores, a minute or two once ccache has the objects)" if cold else
+                   f"llama.cpp: recompiling {rewritten} changed file(s), linking {len(flavor.tools)} tools")
+    return _run_sandboxed(box, cmd, flavor.backend == "cuda")
+
+
+def _built(bindir: Path, text: str, *, home: Path, flavor: Flavor, edited: list[str], rewritten: int,
+           started: float) -> Build:
+    """The record of a build that succeeded: its tools' hashes, what was compiled, its warnings."""
     compiled = len(re.findall(r"Building (?:C|CXX|CUDA) object", text))
     progress.stage(f"llama.cpp: built in {time.monotonic() - started:.0f} s ({compiled} objects compiled)")
     info = {"backend": flavor.backend, "cuda_arch": flavor.cuda_arch, "llama_cpp_commit": source.COMMIT,
             "tree_hash": source.TREE_HASH, "cmake_args": " ".join(flavor.cmake_args()),
-            "changed_files": edited, "files_rewritten": len(changed), "objects_compiled": compiled,
+            "changed_files": edited, "files_rewritten": rewritten, "objects_compiled": compiled,
             "ccache": shutil.which("ccache") is not None, "source_origin": source.origin(home),
             "tools": {t: sha256_file(bindir / t) for t in flavor.tools}}
     return Build(ok=True, source_hash="", artifact=str(bindir), artifact_sha256=tree_hash(bindir, list(flavor.tools)),

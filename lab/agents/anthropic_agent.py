@@ -30,6 +30,7 @@ import datetime as _dt
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -332,89 +333,125 @@ class AnthropicAgent(Agent):
                   {"type": "text", "text": "# program.md (the harness's operating notes)\n\n" + (ctx.program_md or "(none)"),
                    "cache_control": {"type": "ephemeral"}}]
         messages: list[dict] = [{"role": "user", "content": [{"type": "text", "text": first}]}]
-        schemas = {t["name"]: t.get("input_schema") for t in tools if "input_schema" in t}
+        spec = _EpisodeSpec(phase=phase, system=system, tools=tools,
+                            schemas={t["name"]: t.get("input_schema") for t in tools if "input_schema" in t},
+                            handlers=handlers, finish_name=finish[0], finish_fn=finish[1],
+                            final_text_ends=final_text_ends, transcript=transcript)
         transcript.write({"type": "episode", "model": self.model, "harness": ctx.harness_name, "phase": phase,
                           "tools": [t["name"] for t in tools], "max_turns": self.max_turns,
                           "settings": self.settings(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         transcript.write({"type": "system", "content": system})
         transcript.write({"type": "message", **messages[0]})
-        finish_name, finish_fn = finish
-        truncations = 0
         try:
-            for turn in range(1, self.max_turns + 1):
-                if ep.tokens >= self.max_episode_tokens:
-                    ep.failure = f"token cap of {self.max_episode_tokens} reached within {turn - 1} turns"
-                    break
-                if self.max_episode_usd and ep.cost >= self.max_episode_usd:
-                    ep.failure = f"episode cost cap of ${self.max_episode_usd:.2f} reached within {turn - 1} turns"
-                    break
-                response = self._call(system, tools, messages, phase, transcript)
-                ep.usage["turns"] = turn
-                usage = _usage(response)
-                cost = cost_usd(usage, self.price)
-                ep.add(usage, cost)
-                self._spent += cost
-                content = [block.to_dict(mode="json") for block in response.content]
-                transcript.write({"type": "message", "role": "assistant", "content": content,
-                                  "stop_reason": response.stop_reason, "usage": usage, "cost_usd": cost})
-                if response.stop_reason == "refusal":
-                    self._fault("refusal", "the model refused to continue", phase)
-                    ep.failure = "the model refused to continue"
-                    break
-                if response.stop_reason == "model_context_window_exceeded":
-                    ep.failure = "the episode outgrew the model's context window"
-                    break
-                if response.stop_reason == "max_tokens":
-                    # Cut off: a tool call in it may be incomplete (a half-written file). Nothing in
-                    # it runs; the text stays as context and the model is asked to go on smaller.
-                    truncations += 1
-                    calls = sum(1 for b in content if b.get("type") == "tool_use")
-                    self._fault("truncated", f"a response reached max_tokens ({self.max_tokens}); "
-                                f"{calls} tool call(s) in it discarded", phase)
-                    if truncations >= MAX_TRUNCATIONS:
-                        ep.failure = f"{truncations} responses cut at max_tokens ({self.max_tokens}); nothing of them ran"
-                        break
-                    kept = [{"type": "text", "text": b["text"]} for b in content
-                            if b.get("type") == "text" and (b.get("text") or "").strip()]
-                    messages.append({"role": "assistant", "content": kept or [
-                        {"type": "text", "text": "(this response was cut at the output limit)"}]})
-                    reply = [{"type": "text", "text": (
-                        f"Your last response reached the output limit ({self.max_tokens} tokens) and was cut "
-                        f"off; it was discarded and none of its {calls} tool call(s) ran. Go on in smaller "
-                        "steps: str_replace a few lines at a time rather than create a whole file, and "
-                        "think less before each call.")}]
-                    messages.append({"role": "user", "content": reply})
-                    transcript.write({"type": "message", "role": "user", "content": reply})
-                    continue
-                messages.append({"role": "assistant", "content": content})
-                if response.stop_reason == "pause_turn":  # a server tool paused: let it go on
-                    continue
-                uses = [b for b in content if b.get("type") == "tool_use"]
-                if not uses:
-                    text = "\n".join(b.get("text", "") for b in content if b.get("type") == "text").strip()
-                    if final_text_ends and text:
-                        ep.result = text
-                        break
-                    reply = [{"type": "text", "text": f"Use the tools; end the episode with {finish_name}."}]
-                else:
-                    reply, done = self._run_tools(uses, handlers, schemas, finish_name, finish_fn, phase)
-                    if done is not None:
-                        ep.result, ep.failure = done
-                        break
-                left = self.max_turns - turn
-                if 0 < left <= 2:
-                    reply.append({"type": "text", "text": f"({left} turn{'s' if left > 1 else ''} left: "
-                                                          f"call {finish_name} now with your best work)"})
-                messages.append({"role": "user", "content": reply})
-                transcript.write({"type": "message", "role": "user", "content": reply})
-            else:
-                ep.failure = f"no {finish_name} within {self.max_turns} turns"
+            self._turns(ep, spec, messages)
         except _ApiFailure as exc:
             ep.failure = str(exc)
             ep.api_unavailable = exc.unavailable
         ep.cost = round(ep.cost, 10)
         transcript.write({"type": "end", "failure": ep.failure, "cost_usd": ep.cost, "usage": ep.usage})
         return ep
+
+    def _turns(self, ep: "_Episode", spec: "_EpisodeSpec", messages: list[dict]) -> None:
+        """The turns of one episode, each a request and the user turn that answers it, until one
+        ends it: ep.result or ep.failure says how. An _ApiFailure goes up to the caller."""
+        truncations = 0
+        for turn in range(1, self.max_turns + 1):
+            ep.failure = self._cap_reached(ep, turn - 1)
+            if ep.failure:
+                return
+            response = self._call(spec.system, spec.tools, messages, spec.phase, spec.transcript)
+            content = self._account(ep, turn, response, spec.transcript)
+            ep.failure = self._stop_failure(response.stop_reason, spec.phase)
+            if ep.failure:
+                return
+            if response.stop_reason == "max_tokens":
+                truncations += 1
+                ep.failure = self._truncated(spec, messages, content, truncations)
+                if ep.failure:
+                    return
+                continue
+            messages.append({"role": "assistant", "content": content})
+            if response.stop_reason == "pause_turn":  # a server tool paused: let it go on
+                continue
+            reply = self._answer(ep, spec, content)
+            if reply is None:
+                return
+            left = self.max_turns - turn
+            if 0 < left <= 2:
+                reply.append({"type": "text", "text": f"({left} turn{'s' if left > 1 else ''} left: "
+                                                      f"call {spec.finish_name} now with your best work)"})
+            messages.append({"role": "user", "content": reply})
+            spec.transcript.write({"type": "message", "role": "user", "content": reply})
+        ep.failure = f"no {spec.finish_name} within {self.max_turns} turns"
+
+    def _cap_reached(self, ep: "_Episode", turns_done: int) -> str:
+        """Why the episode may not make another request (its tokens or dollars are spent), or ""."""
+        if ep.tokens >= self.max_episode_tokens:
+            return f"token cap of {self.max_episode_tokens} reached within {turns_done} turns"
+        if self.max_episode_usd and ep.cost >= self.max_episode_usd:
+            return f"episode cost cap of ${self.max_episode_usd:.2f} reached within {turns_done} turns"
+        return ""
+
+    def _account(self, ep: "_Episode", turn: int, response, transcript: Transcript) -> list[dict]:
+        """Add one response's tokens and dollars to the episode and to the agent's spend, record it in
+        the transcript, and return its content blocks as the API takes them back."""
+        ep.usage["turns"] = turn
+        usage = _usage(response)
+        cost = cost_usd(usage, self.price)
+        ep.add(usage, cost)
+        self._spent += cost
+        content = [block.to_dict(mode="json") for block in response.content]
+        transcript.write({"type": "message", "role": "assistant", "content": content,
+                          "stop_reason": response.stop_reason, "usage": usage, "cost_usd": cost})
+        return content
+
+    def _stop_failure(self, stop_reason: str | None, phase: str) -> str:
+        """Why a response's stop reason ends the episode (the model refused, the context is full), or ""."""
+        if stop_reason == "refusal":
+            self._fault("refusal", "the model refused to continue", phase)
+            return "the model refused to continue"
+        if stop_reason == "model_context_window_exceeded":
+            return "the episode outgrew the model's context window"
+        return ""
+
+    def _truncated(self, spec: "_EpisodeSpec", messages: list[dict], content: list[dict], truncations: int) -> str:
+        """A response cut at max_tokens: a tool call in it may be incomplete (a half-written file), so
+        nothing in it runs; the text stays as context and the model is asked to go on smaller.
+        Returns the episode's failure once MAX_TRUNCATIONS responses were cut, else ""."""
+        calls = sum(1 for b in content if b.get("type") == "tool_use")
+        self._fault("truncated", f"a response reached max_tokens ({self.max_tokens}); "
+                    f"{calls} tool call(s) in it discarded", spec.phase)
+        if truncations >= MAX_TRUNCATIONS:
+            return f"{truncations} responses cut at max_tokens ({self.max_tokens}); nothing of them ran"
+        kept = [{"type": "text", "text": b["text"]} for b in content
+                if b.get("type") == "text" and (b.get("text") or "").strip()]
+        messages.append({"role": "assistant", "content": kept or [
+            {"type": "text", "text": "(this response was cut at the output limit)"}]})
+        reply = [{"type": "text", "text": (
+            f"Your last response reached the output limit ({self.max_tokens} tokens) and was cut "
+            f"off; it was discarded and none of its {calls} tool call(s) ran. Go on in smaller "
+            "steps: str_replace a few lines at a time rather than create a whole file, and "
+            "think less before each call.")}]
+        messages.append({"role": "user", "content": reply})
+        spec.transcript.write({"type": "message", "role": "user", "content": reply})
+        return ""
+
+    def _answer(self, ep: "_Episode", spec: "_EpisodeSpec", content: list[dict]) -> list[dict] | None:
+        """The user turn that answers a complete assistant turn: the results of its tool calls, or a
+        reminder to use the tools; None when this turn ends the episode (ep.result, ep.failure set)."""
+        uses = [b for b in content if b.get("type") == "tool_use"]
+        if not uses:
+            text = "\n".join(b.get("text", "") for b in content if b.get("type") == "text").strip()
+            if spec.final_text_ends and text:
+                ep.result = text
+                return None
+            return [{"type": "text", "text": f"Use the tools; end the episode with {spec.finish_name}."}]
+        reply, done = self._run_tools(uses, spec.handlers, spec.schemas, spec.finish_name, spec.finish_fn,
+                                      spec.phase)
+        if done is not None:
+            ep.result, ep.failure = done
+            return None
+        return reply
 
     def _run_tools(self, uses: list[dict], handlers: dict, schemas: dict, finish_name: str,
                    finish_fn: Callable, phase: str):
@@ -636,6 +673,22 @@ class _Episode:
         for k, v in usage.items():
             self.usage[k] = self.usage.get(k, 0) + v
         self.cost += cost
+
+
+@dataclass(frozen=True)
+class _EpisodeSpec:
+    """What every turn of one episode works with: the request's fixed parts, the tools' handlers and
+    schemas, the finish tool, and the transcript."""
+
+    phase: str
+    system: list[dict]
+    tools: list[dict]
+    schemas: dict[str, Any]
+    handlers: dict[str, Callable[[dict], str]]
+    finish_name: str
+    finish_fn: Callable
+    final_text_ends: bool  # research: a final answer in text (no tool call) ends the episode
+    transcript: Transcript
 
 
 def _result(use: dict, text: str, is_error: bool) -> dict:
