@@ -273,25 +273,23 @@ def noise(harness, pairs, model_path, env_name, runs_dir, as_json, no_sandbox):
 @click.argument("harness")
 @click.option("--src", type=click.Path(exists=True, file_okay=False), help="tree to profile (default: the harness's own)")
 @MODEL_OPTION
-def profile(harness, src, model_path):
-    """A profile digest of a build (for the agent; never used for a verdict)."""
-    from .harness import load, stage_editable
-    from .runner import build_cached, default_cache
+@ENV_OPTION
+@RUNS_OPTION
+@NO_SANDBOX_OPTION
+def profile(harness, src, model_path, env_name, runs_dir, no_sandbox):
+    """A profile digest of a build (for the agent; never used for a verdict).
+
+    Built and profiled by the runner in the environment, candidate code in the sandbox: the
+    agent's profile tool, run by hand."""
+    from .progress import Progress
     from .store import new_run_id
+    from .workbench import profile_digest
 
-    h = load(harness, model=model_path)
-    h.preflight()
-    from .progress import Progress, stage as say
-
-    stage = default_cache() / "profile-stage" / new_run_id(h.name)
-    stage_editable(h, Path(src) if src else h.source_tree(), stage)
+    _sandbox(no_sandbox, env_name)
+    h, env = _harness_and_env(harness, env_name, model_path)
+    work = runs_dir / "records" / f"{new_run_id(h.name)}-profile"
     with Progress(f"lab profile {h.name}"):
-        say("building the tree")
-        build = build_cached(h, stage, default_cache())
-        if not build.ok:
-            raise LabError(f"the tree does not build: {build.error[-800:]}")
-        say("profiling")
-        digest = h.profile(build)
+        digest = profile_digest(h, Path(src) if src else h.source_tree(), work, env)
     click.echo(digest)
 
 
