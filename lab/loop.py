@@ -27,7 +27,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import stats
+from . import fmt, stats
 from .agents import Agent, AgentContext, AgentFatal, Proposal
 from .agents import clock as _clock
 from .agents.memory import run_memory
@@ -580,11 +580,10 @@ class Lab:
     def _commit_keep(self, event: dict, state: RunState) -> None:
         v = event["verdict"]
         gain = stats.speedup(v["median"])
-        lo, hi = stats.speedup_ci(v["ci_low"], v["ci_high"])
         cumulative = state.best_speedup * gain
         message = (f"lab #{event['number']}: {event['description']}\n\n"
-                   f"speedup {gain:.4f}x over the incumbent (99% CI {lo:.4f}-{hi:.4f}, "
-                   f"{v['pairs']} pairs, delta {v['delta'] * 100:.2f}%); cumulative {cumulative:.4f}x\n")
+                   f"speedup over the incumbent {fmt.speedup_and_ci(v)}; "
+                   f"cumulative {fmt.speedup(cumulative)}\n")
         head_hash = self.workspace.editable_hash()
         if head_hash != event["source_hash"]:  # killed before the reset? re-apply from the ledger
             raise LabError(f"the worktree of {self.folder.path} does not hold experiment "
