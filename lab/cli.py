@@ -113,20 +113,27 @@ def lock(harness):
 
 
 # --- single evaluations ---------------------------------------------------------------------
-def _one_evaluation(harness_name, src, against, env_name, mode, runs_dir, delta=None, model_path=None,
-                    no_sandbox=False, time_cap=None):
-    from . import stats
+def _harness_and_env(harness_name, env_name, model_path=None):
+    """The harness and the environment a command evaluates in, each checked to be usable here."""
     from .envs import get
-    from .evaluate import run_evaluation
     from .harness import load
-    from .progress import Progress
-    from .store import new_run_id
 
-    isolation = _sandbox(no_sandbox, env_name)
     harness = load(harness_name, model=model_path)
     harness.preflight()
     env = get(env_name, harness)
     env.preflight()
+    return harness, env
+
+
+def _one_evaluation(harness_name, src, against, env_name, mode, runs_dir, delta=None, model_path=None,
+                    no_sandbox=False, time_cap=None):
+    from . import stats
+    from .evaluate import run_evaluation
+    from .progress import Progress
+    from .store import new_run_id
+
+    isolation = _sandbox(no_sandbox, env_name)
+    harness, env = _harness_and_env(harness_name, env_name, model_path)
     src = Path(src) if src else harness.source_tree()
     work = runs_dir / "records" / f"{new_run_id(harness.name)}-{mode}"
     with Progress(f"lab {'check' if mode == 'check' else 'bench'} {harness.name}"):
@@ -241,16 +248,11 @@ def noise(harness, pairs, model_path, env_name, runs_dir, as_json, no_sandbox):
     """Measure the A/A noise floor of HARNESS on this machine."""
     isolation = _sandbox(no_sandbox, env_name)
     from . import stats
-    from .envs import get
     from .evaluate import run_evaluation
-    from .harness import load
     from .progress import Progress
     from .store import new_run_id
 
-    h = load(harness, model=model_path)
-    h.preflight()
-    env = get(env_name, h)
-    env.preflight()
+    h, env = _harness_and_env(harness, env_name, model_path)
     work = runs_dir / "records" / f"{new_run_id(h.name)}-noise"
     with Progress(f"lab noise {h.name}"):
         outcome = run_evaluation(h, h.source_tree(), work, env=env, mode="aa", min_pairs=pairs or None)
@@ -271,25 +273,23 @@ def noise(harness, pairs, model_path, env_name, runs_dir, as_json, no_sandbox):
 @click.argument("harness")
 @click.option("--src", type=click.Path(exists=True, file_okay=False), help="tree to profile (default: the harness's own)")
 @MODEL_OPTION
-def profile(harness, src, model_path):
-    """A profile digest of a build (for the agent; never used for a verdict)."""
-    from .harness import load, stage_editable
-    from .runner import build_cached, default_cache
+@ENV_OPTION
+@RUNS_OPTION
+@NO_SANDBOX_OPTION
+def profile(harness, src, model_path, env_name, runs_dir, no_sandbox):
+    """A profile digest of a build (for the agent; never used for a verdict).
+
+    Built and profiled by the runner in the environment, candidate code in the sandbox: the
+    agent's profile tool, run by hand."""
+    from .progress import Progress
     from .store import new_run_id
+    from .workbench import profile_digest
 
-    h = load(harness, model=model_path)
-    h.preflight()
-    from .progress import Progress, stage as say
-
-    stage = default_cache() / "profile-stage" / new_run_id(h.name)
-    stage_editable(h, Path(src) if src else h.source_tree(), stage)
+    _sandbox(no_sandbox, env_name)
+    h, env = _harness_and_env(harness, env_name, model_path)
+    work = runs_dir / "records" / f"{new_run_id(h.name)}-profile"
     with Progress(f"lab profile {h.name}"):
-        say("building the tree")
-        build = build_cached(h, stage, default_cache())
-        if not build.ok:
-            raise LabError(f"the tree does not build: {build.error[-800:]}")
-        say("profiling")
-        digest = h.profile(build)
+        digest = profile_digest(h, Path(src) if src else h.source_tree(), work, env)
     click.echo(digest)
 
 
@@ -324,77 +324,71 @@ def try_(harness, patch, hypothesis, run_ref, new_run, no_confirm, model_path, e
     checked (editable surface, regular files, applies to the incumbent) before anything is
     measured. Exit 0: KEEP; 1: measured and not kept; 2: refused (the patch, or the run)."""
     isolation = _sandbox(no_sandbox, env_name)
-    from dataclasses import replace
-
-    from .agents import Proposal
-    from .envs import get
-    from .errors import PatchRejected
-    from .harness import load
-    from .loop import Lab, Settings
-    from .records import KEEP
-    from .runs import open_run, standing_try_run
-    from .store import event_status
-    from .workspace import check_patch
+    from .runs import try_lab
 
     if run_ref and new_run:
         raise click.UsageError("--run and --new-run exclude each other")
-    folder = None
-    if run_ref:  # one owner per run folder; the run's own environment unless --env is given
-        from click.core import ParameterSource
-
-        folder = open_run(run_ref, runs_dir, worktree=True)
-        folder.hold()
-        if click.get_current_context().get_parameter_source("env_name") == ParameterSource.DEFAULT:
-            env_name = (folder.meta.get("settings") or {}).get("env") or env_name
-    h = load(harness, model=model_path)
-    h.preflight()
-    env = get(env_name, h)
-    env.preflight()
-    standing = None if run_ref or new_run else standing_try_run(h, env, runs_dir)
-    path = folder.path if folder else standing
-    if path:
-        from .store import RunFolder
-
-        recorded = Settings(**RunFolder.open(path).meta.get("settings", {}))
-        lab = Lab.resume(path, h, env, replace(recorded, confirm=not no_confirm), display=_display(as_json))
-    else:
-        settings = Settings(confirm=not no_confirm, env=env_name, agent="manual")
-        lab = Lab.start(h, runs_dir, env, settings, display=_display(as_json), kind="try")
-    text = Path(patch).read_text()
-    try:
-        check_patch(text, lab.workspace.tree, h)
-        refused = None
-    except PatchRejected as exc:  # recorded as the experiment's rejection below; nothing is measured
-        refused = exc
-    if refused is None and lab.state().noise_floor is None:
-        lab.measure_noise()
-    event = lab.experiment(Proposal(patch=text, hypothesis=hypothesis or Path(patch).stem))
-    lab.folder.append("run_stopped", reason=f"try #{event['number']} done")
-    lab.folder.render()
-    verdict = event.get("verdict") or {}
-    code = EXIT_REFUSED if event["type"] == "rejected" else EXIT_KEPT if event_status(event) == KEEP else EXIT_NOT_KEPT
+    folder, env_name = _try_run_folder(run_ref, runs_dir, env_name)
+    h, env = _harness_and_env(harness, env_name, model_path)
+    lab, standing = try_lab(h, env, runs_dir, folder, new_run, confirm=not no_confirm, display=_display(as_json))
+    event = lab.try_patch(Path(patch).read_text(), hypothesis or Path(patch).stem)
+    code = _try_exit_code(event)
     if as_json:
         _print_json({"run": str(lab.folder.path), "event": event, "sandbox": isolation, "exit": code})
         sys.exit(code)
-    if event["type"] == "rejected":
-        line = f"#{event['number']} refused ({event['reason']}): {event.get('detail') or event.get('description', '')}"
-        kept = len(lab.state().kept)
-        if standing and kept and event["reason"] in ("does not apply", "duplicate", "applies to nothing"):
-            line += (f"; this run's incumbent holds {kept} kept tr{'y' if kept == 1 else 'ies'}: "
-                     "--new-run tries it against the checkout's source")
-    else:
-        line = f"#{event['number']} {verdict['status']}"
-        if verdict.get("median") is not None and verdict.get("ci_low") is not None:
-            import math
-
-            line += (f" {math.exp(-verdict['median']):.2f}x (99% CI {math.exp(-verdict['ci_high']):.2f}-"
-                     f"{math.exp(-verdict['ci_low']):.2f})")
-        line += f": {event.get('description', '')}" + (f" — {verdict['reason']}" if verdict.get("reason") else "")
-    click.echo(line)
+    click.echo(_try_line(event, len(lab.state().kept) if standing else 0))
     click.echo(f"sandbox: {isolation}")
     click.echo(f"run: {lab.folder.path}" + (" (the standing try run of this harness; --new-run for a fresh one)"
                                                  if standing else ""))
     sys.exit(code)
+
+
+def _try_run_folder(run_ref, runs_dir, env_name):
+    """The run --run names, held (one owner per run folder), and the environment of the try: the
+    run's own unless --env is given. (None, env_name) without --run."""
+    if not run_ref:
+        return None, env_name
+    from click.core import ParameterSource
+
+    from .runs import open_run
+
+    folder = open_run(run_ref, runs_dir, worktree=True)
+    folder.hold()
+    if click.get_current_context().get_parameter_source("env_name") == ParameterSource.DEFAULT:
+        env_name = (folder.meta.get("settings") or {}).get("env") or env_name
+    return folder, env_name
+
+
+def _try_exit_code(event: dict) -> int:
+    from .records import KEEP
+    from .store import event_status
+
+    if event["type"] == "rejected":
+        return EXIT_REFUSED
+    return EXIT_KEPT if event_status(event) == KEEP else EXIT_NOT_KEPT
+
+
+# Refusals that a fresh run (--new-run) may not meet: the standing run's incumbent is not the checkout's.
+AGAINST_THE_INCUMBENT = ("does not apply", "duplicate", "applies to nothing")
+
+
+def _try_line(event: dict, standing_kept: int) -> str:
+    """lab try's line of the experiment; `standing_kept`: the kept tries in the incumbent of the
+    standing run it went on in (0: not a standing run)."""
+    from . import fmt
+
+    if event["type"] == "rejected":
+        line = f"#{event['number']} refused ({event['reason']}): {event.get('detail') or event.get('description', '')}"
+        if standing_kept and event["reason"] in AGAINST_THE_INCUMBENT:
+            line += (f"; this run's incumbent holds {standing_kept} kept tr{'y' if standing_kept == 1 else 'ies'}: "
+                     "--new-run tries it against the checkout's source")
+        return line
+    verdict = event.get("verdict") or {}
+    line = f"#{event['number']} {verdict['status']}"
+    gain, bounds = fmt.speedup_of(verdict), fmt.ci_of(verdict)
+    if gain is not None and bounds:
+        line += f" {gain:.2f}x (99% CI {bounds[0]:.2f}-{bounds[1]:.2f})"
+    return line + f": {event.get('description', '')}" + (f" — {verdict['reason']}" if verdict.get("reason") else "")
 
 
 RUN_ARGUMENT = click.argument("run_ref", metavar="RUN")
@@ -651,36 +645,65 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agen
     model. One process owns a run folder at a time."""
     # --no-sandbox is never taken from a run's record: a resumed run is sandboxed unless the user
     # says so again on this command line.
-    from .agents import AgentFatal, make_agent
-    from .envs import get
-    from .errors import EnvironmentUnavailable, MissingExtra
-    from .executors import make_executor
-    from .harness import load
+    from .display import LiveView
     from .loop import Lab, Settings
-    from .runs import open_run, resume_command
 
-    ctx = click.get_current_context()
-    given = _given_settings(ctx)  # bad input (a budget, GPUs) is refused before anything starts
-    total_budget = given["budget_s"]
-    resume_path = None
+    values, total_budget, folder = _run_settings(click.get_current_context(), resume_ref, runs_dir)
+    harness = harness or (folder.meta.get("harness_root") if folder else None)
+    if not harness:
+        raise click.UsageError("name a harness (see `lab harnesses`) or give --resume RUN")
+    isolation = _sandbox(no_sandbox, values["env"])  # no sandbox here and no --no-sandbox: stop now
+    h, env, agent = _ready_to_run(harness, model_path, values, resumed=folder is not None)
+    settings = Settings(**values)
+    view = LiveView(settings.budget_s)
+    lab = Lab.launch(h, env, settings, runs_dir, resume=folder.path if folder else None,
+                     total_budget=total_budget, display=None if quiet else view)
+    view.lab = lab
+    click.echo(f"run folder: {lab.folder.path} (branch {lab.folder.meta['branch']}); sandbox: {isolation}")
+    plan = _print_agent_plan(agent, settings.budget_s, settings.max_usd)
+    if plan:  # in log.md too, for the morning
+        lab.folder.append("note", kind="agent_plan", text=plan.replace("\n", "; "))
+    reason = _loop_to_the_end(lab, agent, None if quiet else view, runs_dir, no_sandbox)
+    click.echo(f"stopped: {reason}")
+    _print_summary(lab.summary())
+    click.echo(f"sandbox: {isolation}")
+    click.echo(_resume_line(lab.folder, runs_dir, no_sandbox))
+
+
+def _run_settings(ctx, resume_ref, runs_dir):
+    """The Settings fields a run starts or goes on with, its total budget, and with --resume its
+    folder, held. Bad input (a budget, GPUs) is refused before anything starts; a second owner of
+    the folder before an agent or a measurement exists."""
+    from .runs import open_run, resumed_settings
+
+    given = _given_settings(ctx)
+    folder = None
     if resume_ref:
         folder = open_run(resume_ref, runs_dir, worktree=True)
-        folder.hold()  # a second owner stops here, before an agent or a measurement exists
-        resume_path = folder.path
-        harness = harness or folder.meta.get("harness_root")
-        values, total_budget = _resumed_settings(ctx, folder, given)
+        folder.hold()
+        typed = _typed_settings(ctx)
+        if (folder.meta.get("settings") or {}).get("agent") == "manual" and "agent" not in typed:
+            raise click.UsageError(f"{folder.path} was made by `lab try`: name the agent that goes on with it (--agent)")
+        values, total_budget = resumed_settings(folder, given, typed)
     else:
-        values = {k: v for k, v in given.items() if v is not None}
+        values, total_budget = {k: v for k, v in given.items() if v is not None}, given["budget_s"]
     values["executor"] = values.get("executor") or "local"
     values["address"] = values.get("address") or ""
     if values["executor"] == "ray" and not values["address"]:
         raise click.UsageError("--executor ray needs --address HOST:PORT (the Ray head)")
-    if not harness:
-        raise click.UsageError("name a harness (see `lab harnesses`) or give --resume RUN")
-    isolation = _sandbox(no_sandbox, values["env"])  # no sandbox here and no --no-sandbox: stop now
-    h = load(harness, model=model_path)  # a resumed run takes its recorded model (Lab.resume)
-    # What this machine lacks for the run (a GPU, a key) stops it before an agent or a run folder
-    # exists, all of it said at once, with the command that works here instead.
+    return values, total_budget, folder
+
+
+def _ready_to_run(harness_ref, model_path, values: dict, resumed: bool):
+    """The harness, environment and agent of a run. What this machine lacks for the run (a GPU, a
+    key) stops it before an agent or a run folder exists, all of it said at once, with the
+    command that works here instead."""
+    from .agents import AgentFatal, make_agent
+    from .envs import get
+    from .errors import EnvironmentUnavailable, MissingExtra
+    from .harness import load
+
+    h = load(harness_ref, model=model_path)  # a resumed run takes its recorded model (Lab.resume)
     missing = []
     try:
         h.preflight()
@@ -698,56 +721,39 @@ def run(harness, budget, max_experiments, max_usd, agent_spec, agent_model, agen
     except (AgentFatal, MissingExtra) as exc:  # no key, no anthropic package
         missing.append(str(exc))
     if missing:
-        instead = "" if resume_path else _what_works_instead(harness, h, harness_runs)
+        instead = "" if resumed else _what_works_instead(harness_ref, h, harness_runs)
         raise EnvironmentUnavailable("; ".join(missing) + instead)
-    settings = Settings(**values)
-    # the slots: a missing GPU, a busy one, a Ray address that does not answer stop here
-    workers, slots = make_executor(h, env, settings)
-    from .display import LiveView
+    return h, env, agent
 
-    view = LiveView(settings.budget_s)
-    display = None if quiet else view
-    lab = (Lab.resume(resume_path, h, env, settings, display=display) if resume_path
-           else Lab.start(h, runs_dir, env, settings, display=display)).attach(workers, slots)
-    if resume_path:  # what the run goes on with, the total budget among it
-        from dataclasses import asdict
 
-        lab.folder.update_meta(settings={**asdict(settings), "budget_s": total_budget})
-    view.lab = lab
-    click.echo(f"run folder: {lab.folder.path} (branch {lab.folder.meta['branch']}); sandbox: {isolation}")
-    plan = _print_agent_plan(agent, settings.budget_s, settings.max_usd)
-    if plan:  # in log.md too, for the morning
-        lab.folder.append("note", kind="agent_plan", text=plan.replace("\n", "; "))
-    def resume() -> str:
-        return "resume: " + _command(*resume_command(lab.folder, runs_dir, no_sandbox))
-
+def _loop_to_the_end(lab, agent, view, runs_dir, no_sandbox) -> str:
+    """The run's loop (in the live `view`, None: quiet); why it stopped. However it ends, the run
+    folder stays consistent and resumable: a second Ctrl-C exits 130 and an error 2, each with
+    the command that resumes the run; a bug (not a LabError) raises its traceback."""
     started = time.monotonic()
     try:
-        if quiet:
-            reason = lab.loop(agent, started=started)
-        else:
-            with view:
-                reason = lab.loop(agent, started=started)
+        if view is None:
+            return lab.loop(agent, started=started)
+        with view:
+            return lab.loop(agent, started=started)
     except KeyboardInterrupt:  # the second Ctrl-C (loop.Interrupts), caught here before Click makes it an Abort
-        lab.folder.append("run_stopped", reason="abandoned by a second Ctrl-C; the evaluation in flight "
-                                                "is evaluated again on resume")
-        lab.folder.render()
-        click.echo(resume(), err=True)
+        lab.record_stop("abandoned by a second Ctrl-C; the evaluation in flight is evaluated again on resume")
+        click.echo(_resume_line(lab.folder, runs_dir, no_sandbox), err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except Exception as exc:  # a fatal error: the run folder stays consistent and resumable
-        lab.folder.append("run_stopped", reason=f"error: {exc}"[:1000])
-        lab.folder.render()
+    except Exception as exc:  # a fatal error
+        lab.record_stop(f"error: {exc}"[:1000])
         if not isinstance(exc, LabError):
-            click.echo(resume(), err=True)
+            click.echo(_resume_line(lab.folder, runs_dir, no_sandbox), err=True)
             raise  # a bug: its traceback
         click.echo(f"error: {exc}", err=True)
-        click.echo(resume(), err=True)
+        click.echo(_resume_line(lab.folder, runs_dir, no_sandbox), err=True)
         sys.exit(EXIT_REFUSED)
-    summary = lab.summary()
-    click.echo(f"stopped: {reason}")
-    _print_summary(summary)
-    click.echo(f"sandbox: {isolation}")
-    click.echo(resume())
+
+
+def _resume_line(folder, runs_dir, no_sandbox) -> str:
+    from .runs import resume_command
+
+    return "resume: " + _command(*resume_command(folder, runs_dir, no_sandbox))
 
 
 def _program() -> list[str]:
@@ -824,36 +830,12 @@ def _given_settings(ctx) -> dict:
     return values
 
 
-def _resumed_settings(ctx, folder, given: dict) -> tuple[dict, float]:
-    """The settings a resumed run goes on with: the recorded ones, overridden only by options the
-    user gave on this command line (Click's parameter source), and its total budget. The budget
-    is the rest of the recorded one; --budget given again is that much more from now."""
-    from dataclasses import fields
-
+def _typed_settings(ctx) -> set[str]:
+    """The Settings fields this command line gives (Click's parameter source), not its defaults."""
     from click.core import ParameterSource
 
-    from .loop import Settings
-    from .store import active_seconds
-
-    def typed(name):
-        return ctx.get_parameter_source(SETTING_PARAMS[name]) not in (ParameterSource.DEFAULT,
-                                                                      ParameterSource.DEFAULT_MAP, None)
-
-    known = {f.name for f in fields(Settings)}
-    recorded = {k: v for k, v in (folder.meta.get("settings") or {}).items() if k in known}
-    values = {**recorded, **{k: v for k, v in given.items() if typed(k)}}
-    if values.get("agent") == "manual" and not typed("agent"):
-        raise click.UsageError(f"{folder.path} was made by `lab try`: name the agent that goes on with it (--agent)")
-    spent = active_seconds(folder.events())
-    original = float(recorded.get("budget_s", given["budget_s"]))
-    if typed("budget_s"):
-        values["budget_s"] = given["budget_s"]
-        return values, spent + given["budget_s"]
-    values["budget_s"] = original - spent
-    if values["budget_s"] <= 0:
-        raise LabError(f"{folder.path} has spent its budget ({spent / 3600:.2f} h of {original / 3600:.2f} h); "
-                       "give --budget to go on for that much longer")
-    return values, original
+    return {name for name, param in SETTING_PARAMS.items()
+            if ctx.get_parameter_source(param) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)}
 
 
 @cli.command()

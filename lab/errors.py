@@ -53,6 +53,15 @@ class RunFolderBusy(RunFolderError):
     """Another live process owns the run folder (a loop, a `try --run`, a resume)."""
 
 
+class BuildFailed(LabError):
+    """A tree that does not build where only its build was asked for (a profile): `error` is the
+    build's own output. An evaluation records a failed build as its verdict instead."""
+
+    def __init__(self, error: str):
+        super().__init__(f"the tree does not build: {error[-800:]}")
+        self.error = error
+
+
 class EnvironmentUnavailable(LabError):
     """The requested evaluation environment (GPU, Docker engine, Nix, API key) is not there."""
 

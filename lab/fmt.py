@@ -64,18 +64,25 @@ def ci(low: float, high: float, confidence: str = "99%") -> str:
     return f"{confidence} CI {speedup(low).rstrip('x')}-{speedup(high)}"
 
 
-def verdict(v: dict) -> str:
-    """'KEEP 1.23x (99% CI 1.20-1.26x, 40 pairs, delta 1.0%)', or the status alone."""
-    text = str(v.get("status", "?"))
+def speedup_and_ci(v: dict) -> str:
+    """A verdict's measurement: '1.23x (99% CI 1.20-1.26x, 40 pairs, delta 1.0%)'; "" when it
+    has no speedup (a FAIL, a check)."""
     gain, bounds = speedup_of(v), ci_of(v)
     if gain is None:
-        return text
+        return ""
     details = [ci(*bounds)] if bounds else []
     if v.get("pairs"):
         details.append(f"{v['pairs']} pairs")
     if v.get("delta") is not None:
         details.append(f"delta {percent(v['delta'])}")
-    return f"{text} {speedup(gain)}" + (f" ({', '.join(details)})" if details else "")
+    return speedup(gain) + (f" ({', '.join(details)})" if details else "")
+
+
+def verdict(v: dict) -> str:
+    """'KEEP 1.23x (99% CI 1.20-1.26x, 40 pairs, delta 1.0%)', or the status alone."""
+    text = str(v.get("status", "?"))
+    measured = speedup_and_ci(v)
+    return f"{text} {measured}" if measured else text
 
 
 def noise_rows(report: dict) -> list[list[str]]:

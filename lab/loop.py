@@ -27,14 +27,14 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import stats
+from . import fmt, stats
 from .agents import Agent, AgentContext, AgentFatal, Proposal
 from .agents import clock as _clock
 from .agents.memory import run_memory
 from .envs import Env
 from .errors import LabError, PatchRejected
 from .evaluate import Outcome
-from .executors import Executor, Request, Result, sequential
+from .executors import Executor, Request, Result, make_executor, sequential
 from .harness import Harness, stage_editable
 from .records import CRASH, FAIL, KEEP, TIMEOUT, WORSE, Verdict
 from .scheduler import Dispatch
@@ -42,7 +42,7 @@ from .slots import Slot
 from .store import RunFolder, event_status, new_run_id, pace
 from .system.fingerprint import differences
 from .workbench import Workbench
-from .workspace import Workspace, git, source_repo
+from .workspace import Workspace, check_patch, git, source_repo
 
 CHANGE_PROPOSALS = 3  # proposals that get the instruction of a change of approach
 
@@ -308,6 +308,20 @@ class Lab:
         folder.append("resumed", text=f"at {state.incumbent_commit[:12]} after {state.proposed} proposals")
         return lab
 
+    @classmethod
+    def launch(cls, harness: Harness, env: Env, settings: Settings, runs_dir: Path, resume: Path | None = None,
+               total_budget: float | None = None, display=None) -> "Lab":
+        """`lab run`'s Lab on the slots of its executor: a new run under `runs_dir`, or the run at
+        `resume`, whose record then holds the settings it goes on with (`total_budget`, the
+        original budget and any added, among them). The slots come first: a missing or busy
+        GPU, or a Ray address that does not answer, stops the run before its folder exists."""
+        workers, slots = make_executor(harness, env, settings)
+        lab = (cls.resume(resume, harness, env, settings, display=display) if resume
+               else cls.start(harness, runs_dir, env, settings, display=display)).attach(workers, slots)
+        if resume:
+            lab.folder.update_meta(settings={**asdict(settings), "budget_s": total_budget})
+        return lab
+
     def state(self) -> RunState:
         return RunState.from_events(self.folder.events(), self.folder.meta)
 
@@ -566,11 +580,10 @@ class Lab:
     def _commit_keep(self, event: dict, state: RunState) -> None:
         v = event["verdict"]
         gain = stats.speedup(v["median"])
-        lo, hi = stats.speedup_ci(v["ci_low"], v["ci_high"])
         cumulative = state.best_speedup * gain
         message = (f"lab #{event['number']}: {event['description']}\n\n"
-                   f"speedup {gain:.4f}x over the incumbent (99% CI {lo:.4f}-{hi:.4f}, "
-                   f"{v['pairs']} pairs, delta {v['delta'] * 100:.2f}%); cumulative {cumulative:.4f}x\n")
+                   f"speedup over the incumbent {fmt.speedup_and_ci(v)}; "
+                   f"cumulative {fmt.speedup(cumulative)}\n")
         head_hash = self.workspace.editable_hash()
         if head_hash != event["source_hash"]:  # killed before the reset? re-apply from the ledger
             raise LabError(f"the worktree of {self.folder.path} does not hold experiment "
@@ -592,9 +605,30 @@ class Lab:
             if not any(e["type"] == "baseline" for e in self.folder.events()):
                 self.measure_noise()
             reason = Dispatch(self, agent, interrupts).run()
+        self.record_stop(reason)
+        return reason
+
+    def record_stop(self, reason: str) -> None:
+        """This process is done with the run (`reason`): said in its events and log, so that the
+        run reads as stopped, not died (lab/runs.py)."""
         self.folder.append("run_stopped", reason=reason)
         self.folder.render()
-        return reason
+
+    def try_patch(self, patch: str, hypothesis: str) -> dict:
+        """`lab try`: a person's patch as this run's next experiment, through the agent's gate.
+        The patch is checked against the incumbent first: a refused one is recorded as the
+        experiment's rejection and nothing is measured; else a run without a noise floor
+        measures it first. Returns the `evaluated` or `rejected` event."""
+        try:
+            check_patch(patch, self.workspace.tree, self.harness)
+            refused = False
+        except PatchRejected:  # recorded by the experiment below
+            refused = True
+        if not refused and self.state().noise_floor is None:
+            self.measure_noise()
+        event = self.experiment(Proposal(patch=patch, hypothesis=hypothesis))
+        self.record_stop(f"try #{event['number']} done")
+        return event
 
     def _stop_reason(self, state: RunState, interrupts: Interrupts) -> str:
         """Why the run must stop now, or "". The only stop rules: Ctrl-C, the budgets (time,

@@ -10,8 +10,9 @@ the owner lock (lab/store.py: a live process holds it; its pid is in `.owner`) a
     died      its last process ended without a word (kill -9, a crash, a reboot): resumable
     cleaned   `lab clean` removed its worktree and branch; its folder (events, ledger, log) stays
 
-`lab try` goes on with one standing run per harness (`standing_try_run`) rather than a new
-folder, branch and worktree each time; `lab clean` removes finished runs' worktrees and branches.
+`lab try` goes on with one standing run per harness (`standing_try_run`, `try_lab`) rather than
+a new folder, branch and worktree each time; `lab clean` removes finished runs' worktrees and
+branches; `lab run --resume` goes on with a run's recorded settings (`resumed_settings`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RunFolderBusy, RunFolderError
+from .errors import LabError, RunFolderBusy, RunFolderError
 from .store import RUN_FILE, RunFolder, active_seconds, now_iso
 
 DEFAULT_RUNS = Path("runs")
@@ -109,6 +110,25 @@ def standing_try_run(harness, env, runs_dir: Path) -> Path | None:
     return None
 
 
+def try_lab(harness, env, runs_dir: Path, folder: RunFolder | None = None, new_run: bool = False,
+            confirm: bool = True, display=None):
+    """The Lab (lab/loop.py) a `lab try` goes on in, and whether it is the harness's standing try
+    run: the run `folder` (the caller holds it), else the standing one unless `new_run`, each
+    resumed with its recorded settings; else a new run of kind 'try' in `env`. `confirm`: a
+    KEEP gets its confirming run."""
+    from dataclasses import replace
+
+    from .loop import Lab, Settings
+
+    standing = None if folder or new_run else standing_try_run(harness, env, runs_dir)
+    path = folder.path if folder else standing
+    if path:
+        recorded = Settings(**RunFolder.open(path).meta.get("settings", {}))
+        return Lab.resume(path, harness, env, replace(recorded, confirm=confirm), display=display), bool(standing)
+    settings = Settings(confirm=confirm, env=env.name, agent="manual")
+    return Lab.start(harness, runs_dir, env, settings, display=display, kind="try"), False
+
+
 def _source_changed(repo: Path, base: str, prefix: str) -> bool:
     """Whether the harness's tree at HEAD differs from `base` (or `base` is gone)."""
     from . import git
@@ -170,7 +190,31 @@ def _remove_worktree_and_branch(folder: RunFolder) -> None:
         shutil.rmtree(folder.worktree)
 
 
-# --- the command that resumes a run ---------------------------------------------------------
+# --- resuming a run -------------------------------------------------------------------------
+def resumed_settings(folder: RunFolder, given: dict, typed: set[str]) -> tuple[dict, float]:
+    """The settings (Settings fields) a resumed run goes on with: the recorded ones, overridden
+    only by those of `given` that its command line typed (`typed`, never a default), and its
+    total budget. The budget is the rest of the recorded one; a budget typed again is that much
+    more from now."""
+    from dataclasses import fields
+
+    from .loop import Settings
+
+    known = {f.name for f in fields(Settings)}
+    recorded = {k: v for k, v in (folder.meta.get("settings") or {}).items() if k in known}
+    values = {**recorded, **{k: v for k, v in given.items() if k in typed}}
+    spent = active_seconds(folder.events())
+    original = float(recorded.get("budget_s", given["budget_s"]))
+    if "budget_s" in typed:
+        values["budget_s"] = given["budget_s"]
+        return values, spent + given["budget_s"]
+    values["budget_s"] = original - spent
+    if values["budget_s"] <= 0:
+        raise LabError(f"{folder.path} has spent its budget ({spent / 3600:.2f} h of {original / 3600:.2f} h); "
+                       "give --budget to go on for that much longer")
+    return values, original
+
+
 def format_duration(seconds: float) -> str:
     """Seconds as `lab run --budget` reads them: 8h, 45m, 1h30m, 90s."""
     seconds = max(int(round(seconds)), 1)

@@ -26,6 +26,7 @@ import secrets
 import sys
 from pathlib import Path
 
+from . import fmt
 from .errors import RunFolderBusy, RunFolderError
 from .locks import file_lock, held_elsewhere, try_lock
 from .records import CRASH, FAIL, KEEP, SAME, SCHEMA_VERSION, Status, json_safe
@@ -266,6 +267,7 @@ def _parse_time(text: str) -> _dt.datetime:
 
 
 def _fmt(x, digits=4):
+    """A number of results.tsv (data for a program, not prose): four significant digits."""
     return "" if x is None else f"{x:.{digits}g}"
 
 
@@ -303,26 +305,23 @@ def log_md(events: list[dict], meta: dict) -> str:
         if t == "evaluated":
             v = e.get("verdict", {})
             counts[v.get("status", "?")] = counts.get(v.get("status", "?"), 0) + 1
-            sp = speedup(v.get("median"))
-            gain = "" if sp is None else f" speedup {sp:.4f}x"
-            ci, band = "", speedup_ci(v.get("ci_low"), v.get("ci_high"))
-            if band:
-                ci = f" (99% CI {band[0]:.4f}-{band[1]:.4f}, {v.get('pairs', 0)} pairs)"
-            out.append(f"- {stamp} #{e.get('number', '?')} **{v.get('status', '?')}**{gain}{ci}: "
+            measured = fmt.speedup_and_ci(v)
+            gain = f" speedup {measured}" if measured else ""
+            out.append(f"- {stamp} #{e.get('number', '?')} **{v.get('status', '?')}**{gain}: "
                        f"{e.get('description', '')}" + (f" — {v['reason']}" if v.get("reason") else ""))
         elif t == "rejected":
             counts["REJECTED"] = counts.get("REJECTED", 0) + 1
             out.append(f"- {stamp} #{e.get('number', '?')} rejected: {e.get('reason', '')} — {e.get('description', '')}")
         elif t == "kept":
-            out.append(f"  - kept as {e.get('commit', '')[:10]}: {e.get('speedup', 0):.4f}x, cumulative "
-                       f"{e.get('cumulative_speedup', 0):.4f}x over the baseline")
+            out.append(f"  - kept as {e.get('commit', '')[:10]}: {fmt.speedup(e.get('speedup'))}, cumulative "
+                       f"{fmt.speedup(e.get('cumulative_speedup'))} over the baseline")
         elif t in ("note", "research", "canary", "noise_floor", "baseline", "run_started", "run_stopped",
                    "resumed", "agent_failed", "plateau", "lost", "stale_keep", "workers"):
             text = e.get("text") or e.get("reason") or ""
             if t == "noise_floor":
-                text = f"A/A noise floor {e.get('noise_floor', 0) * 100:.3f}%, delta {e.get('delta', 0) * 100:.3f}%"
+                text = f"A/A noise floor {fmt.percent(e.get('noise_floor'))}, delta {fmt.percent(e.get('delta'))}"
             if t == "baseline":
-                text = f"baseline {e.get('metric_name', '')} {_fmt(e.get('metric'))}"
+                text = f"baseline {e.get('metric_name', '')} {fmt.number(e.get('metric'))}"
             out.append(f"- {stamp} {t}: {text}")
     out += ["", "## Totals", ""]
     out.append(", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "no experiments yet")

@@ -4,7 +4,8 @@ Each goes through the lab's own evaluation path (lab/evaluate.run_evaluation): t
 run's environment (the Env that runs every evaluation: native, docker, nix), the candidate's
 processes in the sandbox, on the cores no slot's runner uses. The agent builds and runs nothing on
 the host itself. None of it feeds a verdict; a draft check is recorded (an event, a line of
-log.md) and, like any work, spends the run's budget.
+log.md) and, like any work, spends the run's budget. `profile_digest` is also `lab profile`'s,
+so a person's profile runs where the agent's does.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import statistics
 from pathlib import Path
 
 from . import stats
-from .errors import LabError
+from .envs import Env
+from .errors import BuildFailed, LabError
 from .evaluate import Outcome, run_evaluation
 from .harness import Harness, stage_editable
 from .records import Build
@@ -29,6 +31,26 @@ def public_seeds(harness: Harness) -> list[int]:
     return list(harness.public_seeds) or list(range(1, max(harness.oracle_seeds, 1) + 1))
 
 
+def profile_digest(harness: Harness, tree: Path, work: Path, env: Env, **options) -> str:
+    """The harness's profile digest of `tree`, built and profiled by the runner in `env` (runner
+    mode profile: the candidate's processes in the sandbox), in `work`; `options` as
+    run_evaluation takes them. Raises BuildFailed when the tree does not build, LabError when the
+    profile run fails."""
+    ev = run_evaluation(harness, tree, work, env=env, mode="profile", **options).evaluation
+    if ev.candidate_build is not None and not ev.candidate_build.ok:
+        raise BuildFailed(ev.candidate_build.error)
+    if ev.status:
+        raise LabError(f"the profile run ended {ev.status}: {ev.reason[-500:]}")
+    return ev.profile
+
+
+def _emptied(work: Path) -> Path:
+    """`work`, without what an earlier use of the tool left there."""
+    if work.exists():
+        shutil.rmtree(work)
+    return work
+
+
 class Workbench:
     """The agent's check, compile and profile tools for one run (a Lab: lab/loop.py)."""
 
@@ -41,13 +63,17 @@ class Workbench:
         spare = [c for c in allowed_cpus() if c not in taken] if taken else []
         return spare or None
 
+    def _options(self, extra: dict) -> dict:
+        """run_evaluation's options for a tool of this run: its GPU, the spare cores, the run in
+        the fingerprint (with `extra`)."""
+        lab = self.lab
+        return {"gpu_index": lab.settings.gpu_index, "cpus": self._cpus(),
+                "fingerprint_extra": {"run": lab.folder.meta["id"], **extra}}
+
     def _evaluate(self, tree: Path, work: Path, mode: str, extra: dict, **options) -> Outcome:
         """`tree` through the runner in the run's environment, in `work` (emptied first)."""
         lab = self.lab
-        if work.exists():
-            shutil.rmtree(work)
-        return run_evaluation(lab.harness, tree, work, env=lab.env, mode=mode, gpu_index=lab.settings.gpu_index,
-                              cpus=self._cpus(), fingerprint_extra={"run": lab.folder.meta["id"], **extra},
+        return run_evaluation(lab.harness, tree, _emptied(work), env=lab.env, mode=mode, **self._options(extra),
                               **options)
 
     def check(self, tree: Path, timing: bool = True) -> str:
@@ -89,13 +115,11 @@ class Workbench:
             if incumbent.exists():
                 shutil.rmtree(incumbent)
             stage_editable(lab.harness, lab.incumbent_dir, incumbent)
-        outcome = self._evaluate(incumbent, lab.folder.path / "agent" / "profile", "profile", {"tool": "profile"})
-        ev = outcome.evaluation
-        if ev.candidate_build is not None and not ev.candidate_build.ok:
-            return f"the incumbent does not build: {ev.candidate_build.error}"
-        if ev.status:
-            raise LabError(f"the profile run ended {ev.status}: {ev.reason[-500:]}")
-        return ev.profile
+        try:
+            return profile_digest(lab.harness, incumbent, _emptied(lab.folder.path / "agent" / "profile"), lab.env,
+                                  **self._options({"tool": "profile"}))
+        except BuildFailed as exc:  # the agent's answer, not a tool error
+            return f"the incumbent does not build: {exc.error}"
 
 
 def _check_lines(outcome: Outcome, seeds: list[int], timing: bool) -> tuple[bool, list[str]]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,7 +89,9 @@ def test_a_faster_candidate_is_kept_after_confirmation(cdot, cdot_repo):
     assert event["verdict"]["status"] == "KEEP", event["verdict"]
     assert event["confirmation"]["status"] == "KEEP"
     msg = git(lab.workspace.worktree, "log", "-1", "--format=%B")
-    assert "speedup" in msg and "99% CI" in msg
+    # lab/fmt.py's rounding: 2 decimals (3 near 1x), the delta in %, never four decimals
+    assert re.search(r"^speedup over the incumbent \d+\.\d{2,3}x \(99% CI \d+\.\d{2,3}-\d+\.\d{2,3}x, "
+                     r"\d+ pairs, delta \d+(\.\d+)?%\); cumulative \d+\.\d{2,3}x$", msg, re.M), msg
     kept = [e for e in lab.folder.events() if e["type"] == "kept"]
     assert kept and kept[0]["commit"] == lab.workspace.head()
     assert "volatile" not in (lab.folder.path / "incumbent" / "work.c").read_text()

@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from lab.cli import _given_settings, _resumed_settings, run
+from lab.cli import _given_settings, _typed_settings, run
 from lab.envs import get
 from lab.errors import LabError, RunFolderBusy
 from lab.loop import Lab, Settings
+from lab.runs import resumed_settings
 from lab.store import RunFolder, active_seconds
 
 from conftest import CDOT, lab_cli
@@ -20,6 +21,11 @@ from test_workspace_apply import SYMLINK_AS_WORK
 
 def _ctx(*args):
     return run.make_context("run", list(args))
+
+
+def _resumed(ctx, folder):
+    """What `lab run` with this command line (`ctx`) goes on with in `folder`."""
+    return resumed_settings(folder, _given_settings(ctx), _typed_settings(ctx))
 
 
 def _folder_with_sessions(tmp_path, settings, sessions):
@@ -42,14 +48,14 @@ def test_a_resumed_run_keeps_its_settings_unless_given_again(tmp_path):
     assert active_seconds(folder.events()) == 1200
 
     ctx = _ctx("--resume", str(folder.path))
-    values, total = _resumed_settings(ctx, folder, _given_settings(ctx))
+    values, total = _resumed(ctx, folder)
     assert {k: values[k] for k in ("max_experiments", "max_usd", "delta", "env", "agent", "gpus", "web_search")} == {
         "max_experiments": 7, "max_usd": 2.5, "delta": 0.03, "env": "docker", "agent": "replay:/x.jsonl",
         "gpus": [0, 1], "web_search": True}
     assert values["budget_s"] == 2400 and total == 3600, "the rest of the original budget"
 
     ctx = _ctx("--resume", str(folder.path), "--max-usd", "9", "--budget", "30m", "--agent", "replay:/y.jsonl")
-    values, total = _resumed_settings(ctx, folder, _given_settings(ctx))
+    values, total = _resumed(ctx, folder)
     assert values["max_usd"] == 9 and values["agent"] == "replay:/y.jsonl" and values["max_experiments"] == 7
     assert values["budget_s"] == 1800 and total == 1200 + 1800, "--budget again: that much more from now"
 
@@ -58,7 +64,7 @@ def test_a_spent_budget_is_refused_unless_extended(tmp_path):
     folder = _folder_with_sessions(tmp_path, {"budget_s": 600.0, "agent": "replay:/x"}, [(0, 700)])
     ctx = _ctx("--resume", str(folder.path))
     with pytest.raises(LabError, match="spent its budget"):
-        _resumed_settings(ctx, folder, _given_settings(ctx))
+        _resumed(ctx, folder)
 
 
 def test_resume_through_the_cli_keeps_agent_limits_and_budget(cdot, cdot_repo, tmp_path):

@@ -68,6 +68,9 @@ def test_views_rebuilt_from_events(tmp_path):
                   description="unroll by 2", metric=120.0, unit_seconds=0.5,
                   verdict={"status": "KEEP", "median": -0.1, "ci_low": -0.12, "ci_high": -0.08, "pairs": 20,
                            "delta": 0.005})
+    folder.append("kept", number=1, commit="abcdef123456", speedup=1.10517, cumulative_speedup=1.10517)
+    folder.append("baseline", metric=4423.158, metric_name="throughput")
+    folder.append("noise_floor", noise_floor=0.00234, delta=0.005, pairs=40)
     folder.append("rejected", number=2, reason="outside the editable surface", description="edit timer")
     folder.render()
     rows = (folder.path / "results.tsv").read_text().splitlines()
@@ -77,6 +80,11 @@ def test_views_rebuilt_from_events(tmp_path):
     assert float(cells[6]) == pytest.approx(1.105, abs=1e-3)
     log = (folder.path / "log.md").read_text()
     assert "KEEP" in log and "rejected: outside the editable surface" in log
+    # numbers as lab/fmt.py rounds them: to what the measurement resolves, not four decimals
+    assert "**KEEP** speedup 1.11x (99% CI 1.083-1.13x, 20 pairs, delta 0.50%): unroll by 2" in log
+    assert "kept as abcdef1234: 1.11x, cumulative 1.11x over the baseline" in log
+    assert "A/A noise floor 0.23%, delta 0.50%" in log
+    assert "baseline throughput 4,423\n" in log
 
 
 def test_pace_counts_experiments_per_hour_from_the_first_proposal():

@@ -1,10 +1,15 @@
 """The agent's compile and profile tools (lab/workbench.py) go through the runner in the run's
 environment, the same Env object that runs every evaluation, and its sandbox; never a build on
-the host. A recording environment shows what ran where."""
+the host. So does `lab profile`, the profile tool run by hand. A recording environment shows
+what ran where."""
 
 import json
 
+from click.testing import CliRunner
+
+import lab.envs
 from lab import sandbox
+from lab.cli import cli
 from lab.envs.native import NativeEnv
 from lab.harness import stage_editable
 from lab.loop import Lab, Settings
@@ -12,7 +17,7 @@ from lab.records import Evaluation
 from lab.slots import Slot
 from lab.system.cpus import allowed_cpus
 
-from conftest import CDOT, git_apply_in_copy
+from conftest import CDOT, git_apply_in_copy, lab_cli
 
 
 class Recording(NativeEnv):
@@ -56,3 +61,23 @@ def test_the_agents_tools_leave_the_slots_cores_alone(cdot, cdot_repo):
     ctx = lab._context(lab.state())
     ctx.compile(ctx.incumbent_tree)
     assert env.runs == [("build", allowed[:-1] or None)]
+
+
+def test_lab_profile_runs_the_runner_in_the_environment_it_names(cdot, cdot_repo, monkeypatch, tmp_path):
+    """`lab profile --env` builds and profiles as the agent's tool does: the runner in that
+    environment (mode profile), candidate code in its sandbox, its record under --runs."""
+    env = Recording()
+    monkeypatch.setattr(lab.envs, "get", lambda name, harness=None: env)
+    runs = tmp_path / "runs"
+    out = CliRunner().invoke(cli, ["profile", str(cdot.root), "--env", "native", "--runs", str(runs)])
+    assert out.exit_code == 0, out.output
+    assert out.stdout.strip() == "harness cdot has no profiler"  # the harness's digest, from the runner
+    assert env.runs == [("profile", None)]
+    (path,) = runs.glob("records/*-profile/record.json")
+    record = Evaluation.from_dict(json.loads(path.read_text()))
+    assert record.mode == "profile" and record.candidate_build.ok
+    assert record.fingerprint["sandbox"] == sandbox.describe(), "the build ran in the sandbox"
+
+    broken = git_apply_in_copy(cdot.root, (CDOT / "solutions" / "wrong" / "no-compile.patch").read_text(), tmp_path)
+    failed = lab_cli("profile", str(cdot.root), "--src", str(broken), "--runs", str(runs))
+    assert failed.returncode == 2 and "error: the tree does not build: " in failed.stderr, failed.stderr
