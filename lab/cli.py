@@ -324,14 +324,24 @@ def try_(harness, patch, hypothesis, run_ref, new_run, no_confirm, model_path, e
     checked (editable surface, regular files, applies to the incumbent) before anything is
     measured. Exit 0: KEEP; 1: measured and not kept; 2: refused (the patch, or the run)."""
     isolation = _sandbox(no_sandbox, env_name)
+    from .errors import PatchRejected
     from .runs import try_lab
 
     if run_ref and new_run:
         raise click.UsageError("--run and --new-run exclude each other")
     folder, env_name = _try_run_folder(run_ref, runs_dir, env_name)
     h, env = _harness_and_env(harness, env_name, model_path)
-    lab, standing = try_lab(h, env, runs_dir, folder, new_run, confirm=not no_confirm, display=_display(as_json))
-    event = lab.try_patch(Path(patch).read_text(), hypothesis or Path(patch).stem)
+    text = Path(patch).read_text()
+    try:
+        lab, standing = try_lab(h, env, runs_dir, folder, new_run, confirm=not no_confirm,
+                                display=_display(as_json), patch=text)
+    except PatchRejected as exc:  # refused before a run existed: nothing was made
+        if as_json:
+            _print_json({"run": None, "refused": str(exc), "sandbox": isolation, "exit": EXIT_REFUSED})
+        else:
+            click.echo(f"refused ({exc}); no run was made")
+        sys.exit(EXIT_REFUSED)
+    event = lab.try_patch(text, hypothesis or Path(patch).stem)
     code = _try_exit_code(event)
     if as_json:
         _print_json({"run": str(lab.folder.path), "event": event, "sandbox": isolation, "exit": code})

@@ -111,20 +111,28 @@ def standing_try_run(harness, env, runs_dir: Path) -> Path | None:
 
 
 def try_lab(harness, env, runs_dir: Path, folder: RunFolder | None = None, new_run: bool = False,
-            confirm: bool = True, display=None):
+            confirm: bool = True, display=None, patch: str | None = None):
     """The Lab (lab/loop.py) a `lab try` goes on in, and whether it is the harness's standing try
     run: the run `folder` (the caller holds it), else the standing one unless `new_run`, each
     resumed with its recorded settings; else a new run of kind 'try' in `env`. `confirm`: a
-    KEEP gets its confirming run."""
+    KEEP gets its confirming run.
+
+    `patch`, where a new run would be made: checked first against the harness's source as it is
+    in the checkout, so a patch that cannot apply raises PatchRejected before any run folder,
+    branch or worktree exists. (The new run's tree is the committed one; a patch the check lets
+    through is checked again there, and a refusal there is recorded as that run's experiment.)"""
     from dataclasses import replace
 
     from .loop import Lab, Settings
+    from .workspace import check_patch
 
     standing = None if folder or new_run else standing_try_run(harness, env, runs_dir)
     path = folder.path if folder else standing
     if path:
         recorded = Settings(**RunFolder.open(path).meta.get("settings", {}))
         return Lab.resume(path, harness, env, replace(recorded, confirm=confirm), display=display), bool(standing)
+    if patch is not None:
+        check_patch(patch, harness.source_tree(), harness)
     settings = Settings(confirm=confirm, env=env.name, agent="manual")
     return Lab.start(harness, runs_dir, env, settings, display=display, kind="try"), False
 

@@ -3,7 +3,7 @@
 import json
 import sys
 
-from conftest import CDOT, HAS_GPU, REPO, lab_cli
+from conftest import CDOT, HAS_GPU, REPO, git, lab_cli
 
 
 def test_help_on_every_command():
@@ -70,6 +70,21 @@ def test_main_job_without_gpu_or_key_stops_at_once_with_what_works_instead():
         assert f"`{program} run cdot --agent replay:examples/cdot/replay.jsonl --budget 10m`" in instead, out.stderr
 
 
+def test_main_job_with_a_gpu_but_no_key_names_the_check_and_the_recorded_patches():
+    """The other branch of README command 1 (a GPU, no key), which this machine cannot reach by
+    running: where the harness can run here, what works instead is its check and a run over its
+    recorded patches, commands that exist and need no key."""
+    from lab.cli import _command, _what_works_instead
+    from lab.harness import load
+
+    wavegru = load("wavegru")
+    instead = _what_works_instead("wavegru", wavegru, harness_runs=True)
+    assert f"`{_command('check', 'wavegru')}` (build and oracle)" in instead, instead
+    replay = "harnesses/wavegru/solutions/correct"
+    assert f"`{_command('run', 'wavegru', '--agent', f'replay:{replay}', '--budget', '1h')}`" in instead, instead
+    assert sorted((REPO / replay).glob("*.patch")), "the recorded patches it names must exist"
+
+
 def test_bad_budget():
     out = lab_cli("run", str(CDOT), "--budget", "soon")
     assert out.returncode != 0 and "not a duration" in out.stderr
@@ -97,10 +112,13 @@ def test_try_checks_the_patch_before_it_measures_anything(cdot, cdot_repo, tmp_p
     stale.write_text((CDOT / "solutions" / "wrong" / "slower.patch").read_text().replace("double s = 0.0;", "double t;"))
     out = lab_cli("try", "cdot", str(stale), cwd=cdot_repo)
     assert out.returncode == 2, out.stdout + out.stderr
-    assert _verdict_line(out).startswith("#1 refused (does not apply): "), out.stdout
-    (run,) = (cdot_repo / "runs").glob("cdot-*")
-    types = [json.loads(line)["type"] for line in (run / "events.jsonl").read_text().splitlines()]
-    assert "noise_floor" not in types and not (run / "evaluations").exists(), types
+    assert out.stdout.startswith("refused (patch rejected: does not apply"), out.stdout
+    assert out.stdout.rstrip().endswith("no run was made"), out.stdout
+    # refused before anything exists: no run folder, no branch, no worktree, nothing measured
+    assert not list((cdot_repo / "runs").glob("cdot-*"))
+    assert not git(cdot_repo, "branch", "--list", "lab/*").strip()
+    assert len(git(cdot_repo, "worktree", "list").splitlines()) == 1
+
 
 
 def test_try_keeps_a_real_speedup_in_its_standing_run_and_exits_by_verdict(cdot, cdot_repo):
