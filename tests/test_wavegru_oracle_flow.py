@@ -45,7 +45,8 @@ FAKE_SENTINEL_TOKEN, FAKE_SENTINEL_BITS = -7, 0x7FC0FFEE
 def wg():
     h = load(HARNESS)
     pkg = type(h).__module__.rsplit(".", 1)[0]
-    mods = {m: importlib.import_module(f"{pkg}.{m}") for m in ("philox", "weights", "model", "oracle", "cuda", "device")}
+    names = ("philox", "weights", "model", "oracle", "cuda", "device")
+    mods = {m: importlib.import_module(f"{pkg}.{m}") for m in names}
     mods["make_weights"] = mods["weights"].make_weights  # the originals, before any monkeypatch
     mods["Reference"] = mods["model"].Reference
     mods["gumbel_torch"] = mods["philox"].gumbel_torch
@@ -394,7 +395,8 @@ def test_wrong_outputs_fail_the_right_items(wg, expected, monkeypatch):
     assert teacher.detail == f"p max abs diff {p_max:.3g} > 0.0001; p mean abs diff {p_max / clear:.3g} > 1e-05"
 
     guard = items[f"guard/teacher/{SECRET}"]
-    assert guard.values == {} and guard.detail == f"1/{T2 * B2} tokens unwritten; 1/{T2 * B2} of p unwritten; {guard_written}"
+    assert guard.values == {}
+    assert guard.detail == f"1/{T2 * B2} tokens unwritten; 1/{T2 * B2} of p unwritten; {guard_written}"
     racy = items[f"bit_identical/tea/{SECRET}"]
     assert racy.values == {} and racy.detail == ("the same inputs gave different outputs (a race or an "
                                                  "uninitialised read)")
@@ -427,7 +429,8 @@ def _runner_up_stream(ref, G, t_fork):
         tok, _, h0n, h1n, *_ = ref.step(y, h0, h1, G[t])
         if t == t_fork:
             every = torch.arange(V)
-            *_, deficit, forced_gap = ref.step(y.expand(V), h0.expand(V, -1), h1.expand(V, -1), G[t].expand(V, -1), every)
+            *_, deficit, forced_gap = ref.step(y.expand(V), h0.expand(V, -1), h1.expand(V, -1),
+                                               G[t].expand(V, -1), every)
             ok = (deficit > 0) & (forced_gap >= 0)
             tok = every[ok][deficit[ok].argmin()].reshape(1)
             _, _, h0n, h1n, *_ = ref.step(y, h0, h1, G[t], tok)
@@ -447,7 +450,7 @@ def test_a_near_tie_is_validated_along_the_kernels_own_tokens(wg, expected, monk
     monkeypatch.setattr(o, "TIE_EPS", 2 * margin)
     kernel_tokens = _runner_up_stream(exp[TIMED].ref, exp[TIMED].G, t_fork)
     along = exp[TIMED].ref.teacher(kernel_tokens, exp[TIMED].G)
-    assert int((kernel_tokens != exp[TIMED].gen.tokens).sum()) >= 1 and kernel_tokens[t_fork, 0] != along.tokens[t_fork, 0]
+    assert kernel_tokens[t_fork, 0] != along.tokens[t_fork, 0]  # the reference's own choice there
 
     def take_runner_up(out):
         fork = _outputs(wg, along, T1, 1)
