@@ -325,7 +325,7 @@ def test_a_correct_kernel_passes_every_item(wg, expected, monkeypatch):
     assert check.lines == _lines(check, amb=_all_ambiguous(o, expected, check.items))
     rest, before_last_empty, freed = _split_releases(log, returned)
     assert rest == _reference_log(o, expected) + _launch_log(wg, expected) + [("empty_cache",)]
-    assert 0 in before_last_empty and freed == {0, 1}  # del c["ref"] before the last empty_cache
+    assert before_last_empty == freed == {0, 1}  # del c["ref"], c["G"]: released before the last empty_cache
 
 
 def _first_clear_step(o, values, lo=None):
@@ -412,7 +412,7 @@ def test_wrong_outputs_fail_the_right_items(wg, expected, monkeypatch):
                                  amb=_all_ambiguous(o, exp, check.items))
     rest, before_last_empty, freed = _split_releases(log, returned)
     assert rest == _reference_log(o, exp) + _launch_log(wg, exp) + [("empty_cache",)]
-    assert 0 in before_last_empty and freed == {0, 1}
+    assert before_last_empty == freed == {0, 1}
 
 
 def _runner_up_stream(ref, G, t_fork):
@@ -475,7 +475,7 @@ def test_a_near_tie_is_validated_along_the_kernels_own_tokens(wg, expected, monk
                                  amb=_all_ambiguous(o, exp, check.items))
     rest, before_last_empty, freed = _split_releases(log, returned)
     assert rest == _reference_log(o, exp) + _launch_log(wg, exp, validated={f"generate {TIMED}"}) + [("empty_cache",)]
-    assert 0 in before_last_empty and freed == {0, 1}
+    assert before_last_empty == freed == {0, 1}
 
 
 # --- layer 2: the real launcher on the CPU, a fake driver ---------------------------------------------
@@ -582,7 +582,7 @@ def test_through_the_real_launcher_a_correct_kernel_passes(wg, expected, monkeyp
     assert list(check.output_hashes.items()) == list(_hashes(o, expected).items())
     rest, before_last_empty, freed = _split_releases(log, returned)
     assert rest == _reference_log(o, expected) + _driver_log(wg) + [("empty_cache",)]
-    assert 0 in before_last_empty and freed == {0, 1}
+    assert before_last_empty == freed == {0, 1}
 
 
 def test_through_the_real_launcher_guards_and_inputs_are_checked(wg, expected, monkeypatch):
@@ -626,4 +626,4 @@ def test_through_the_real_launcher_guards_and_inputs_are_checked(wg, expected, m
     assert check.lines == _lines(check)
     rest, before_last_empty, freed = _split_releases(log, returned)
     assert rest == _reference_log(o, expected) + _driver_log(wg) + [("empty_cache",)]
-    assert 0 in before_last_empty and freed == {0, 1}
+    assert before_last_empty == freed == {0, 1}
