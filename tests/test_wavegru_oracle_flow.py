@@ -37,6 +37,7 @@ TIMED, SECRET = "timed", f"secret_T{T2}_B{B2}"
 SEEDS = [1234567, 7654321]
 CUBIN = b"not a cubin"
 DEADLINE = 7.5
+WAIT_S = 100.0  # the host clock the fake end event reports past the real one
 FAKE_MODES = (10, 11)  # MODE_GENERATE, MODE_TEACHER in the launcher layer: the oracle must pass dev's
 FAKE_SENTINEL_TOKEN, FAKE_SENTINEL_BITS = -7, 0x7FC0FFEE
 
@@ -516,7 +517,7 @@ def _fake_driver(wg, monkeypatch, log, faults):
 
         def wait(self, deadline_s, what):
             log.append(("wait", what, deadline_s))
-            return time.perf_counter()
+            return time.perf_counter() + WAIT_S
 
         def elapsed_ms(self, start):
             return 1.0
@@ -550,6 +551,13 @@ def _fake_driver(wg, monkeypatch, log, faults):
         def unload(self):
             log.append(("unload", self.n))
 
+    scrub = dev.Arena.scrub
+
+    def logged_scrub(arena):
+        log.append(("scrub",))
+        scrub(arena)
+
+    monkeypatch.setattr(dev.Arena, "scrub", logged_scrub)
     monkeypatch.setattr(dev, "_torch", lambda: _CpuTorch(torch))
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
     monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: self.clone())  # a copy, as from a device
@@ -568,7 +576,7 @@ def _driver_log(wg):
     for n, launches in enumerate(phases, 1):
         out += [("empty_cache",), ("load", n, CUBIN, dev.ENTRY, dev.LAUNCH_SYMBOL)]
         for what, T, B, mode in launches:
-            out += [("kernel", T, B, mode, mode == Te, 1.0, pytest.approx(lmp, abs=0), n), ("wait", what, DEADLINE)]
+            out += [("kernel", T, B, mode, mode == Te, 1.0, lmp, n), ("wait", what, DEADLINE), ("scrub",)]
         out += [("event destroyed",), ("event destroyed",), ("unload", n)]
     return out
 
@@ -627,3 +635,30 @@ def test_through_the_real_launcher_guards_and_inputs_are_checked(wg, expected, m
     rest, before_last_empty, freed = _split_releases(log, returned)
     assert rest == _reference_log(o, expected) + _driver_log(wg) + [("empty_cache",)]
     assert before_last_empty == freed == {0, 1}
+
+
+def test_the_real_launcher_alone(wg, expected, monkeypatch):
+    """Launcher.run by itself over the CPU fakes: the outputs read back, the device and host
+    times, no problems, one scrub of the launch's buffers."""
+    log: list = []
+    _fake_driver(wg, monkeypatch, log, {})
+    dev, e = wg["device"], expected[SECRET]
+
+    class Arena(dev.Arena):
+        def __init__(self, torch, buffers, device="cuda", placement=None):
+            log.append(("arena", buffers[0][0], placement))
+            super().__init__(torch, buffers, device, placement)
+
+    monkeypatch.setattr(dev, "Arena", Arena)
+    launcher = dev.Launcher(wg["cuda"].Module(CUBIN, dev.ENTRY, dev.LAUNCH_SYMBOL))
+    t0 = time.perf_counter()
+    out = launcher.run(dev.DeviceWeights(e.W), e.G, dev.MODE_TEACHER, teacher=e.gen.tokens, deadline_s=DEADLINE,
+                       what="alone", placement=3)
+    for k in ("tokens", "p", "h0", "h1"):
+        assert np.array_equal(getattr(out, k), getattr(e.tea, k)), k
+    assert out.problems == [] and out.seconds == 1e-3
+    assert WAIT_S <= out.wall_seconds <= WAIT_S + (time.perf_counter() - t0)
+    lmp = float(np.float32(np.log(wg["model"].MIN_P)))
+    assert log == [("load", 1, CUBIN, dev.ENTRY, dev.LAUNCH_SYMBOL), ("arena", "emb", None), ("arena", "noise", 3),
+                   ("kernel", T2, B2, dev.MODE_TEACHER, True, 1.0, lmp, 1), ("wait", "alone", DEADLINE), ("scrub",)]
+    launcher.close()
