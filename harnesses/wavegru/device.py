@@ -134,10 +134,18 @@ class Launcher:
             deadline_s: float = 30.0, what: str = "kernel", placement: int | None = None) -> Outputs:
         """noise: float32 [T, B, V] (numpy or a CUDA tensor); teacher: int [T, B] or None;
         placement: where the buffers start (Arena), random when None."""
-        torch = self.torch
         T, B, Vn = noise.shape
         if Vn != V:
             raise ValueError(f"noise has V={Vn}")
+        staged = self._stage(noise, teacher, T, B, placement)
+        prm = _params(weights, staged.arena, teacher is not None, T, B, mode)
+        seconds, wall_seconds = self._launch(prm, deadline_s, what)
+        return self._collect(staged, weights, seconds, wall_seconds, what)
+
+    def _stage(self, noise, teacher, T: int, B: int, placement: int | None) -> "_Staged":
+        """Fresh buffers between guards: the inputs copied in, the outputs sentinel-filled, the
+        workspace zeroed (on the launcher's stream)."""
+        torch = self.torch
         with torch.cuda.stream(self.stream):
             src = torch.as_tensor(noise, device="cuda").reshape(-1)
             bufs = [("noise", T * B * V, torch.float32), ("teacher", T * B, torch.int32),
@@ -156,18 +164,11 @@ class Launcher:
             for k in ("p", "h0", "h1"):
                 arena[k].fill_(SENTINEL_FLOAT_BITS)
             arena["workspace"].zero_()
-        prm = Params()
-        for n in NAMES:
-            setattr(prm, n, weights.ptr(n))
-        prm.noise = arena["noise"].data_ptr()
-        prm.teacher = arena["teacher"].data_ptr() if teacher is not None else None
-        prm.tokens, prm.p = arena["tokens"].data_ptr(), arena["p"].data_ptr()
-        prm.h0_out, prm.h1_out = arena["h0"].data_ptr(), arena["h1"].data_ptr()
-        prm.workspace = arena["workspace"].data_ptr()
-        prm.T, prm.B, prm.mode = T, B, mode
-        prm.temperature = TEMPERATURE
-        prm.log_min_p = log_min_p(MIN_P, False)
-        prm.reserved = 0
+        return _Staged(arena, src, tch_src, T, B)
+
+    def _launch(self, prm: Params, deadline_s: float, what: str) -> tuple[float, float]:
+        """The kernel alone between the events, its inputs in place. Returns the device seconds
+        and the host seconds from just before the launch to the completion seen."""
         s = self.stream.cuda_stream
         self.stream.synchronize()  # inputs in place; the GPU then runs only the kernel
         self.start.record(s)
@@ -176,18 +177,24 @@ class Launcher:
         self.end.record(s)
         t1 = self.end.wait(deadline_s, what)
         seconds = self.end.elapsed_ms(self.start) / 1e3
+        return seconds, t1 - t0
+
+    def _collect(self, staged: "_Staged", weights: DeviceWeights, seconds: float, wall_seconds: float,
+                 what: str) -> Outputs:
+        """Every guard and input checked, the outputs copied to the host, the buffers scrubbed."""
+        torch, arena, T, B = self.torch, staged.arena, staged.T, staged.B
         try:
             with torch.cuda.stream(self.stream):
                 problems = arena.guard_problems() + weights.problems()
-                if not torch.equal(arena["noise"], src):
+                if not torch.equal(arena["noise"], staged.noise):
                     problems.append("the noise was written (inputs are read-only)")
-                if tch_src is not None and not torch.equal(arena["teacher"], tch_src):
+                if staged.teacher is not None and not torch.equal(arena["teacher"], staged.teacher):
                     problems.append("the teacher tokens were written (inputs are read-only)")
                 out = Outputs(tokens=arena["tokens"].cpu().numpy().reshape(T, B),
                               p=arena["p"].view(torch.float32).cpu().numpy().reshape(T, B),
                               h0=arena["h0"].view(torch.float32).cpu().numpy().reshape(B, H),
                               h1=arena["h1"].view(torch.float32).cpu().numpy().reshape(B, H),
-                              seconds=seconds, wall_seconds=t1 - t0, problems=problems)
+                              seconds=seconds, wall_seconds=wall_seconds, problems=problems)
                 arena.scrub()
             self.stream.synchronize()
         except RuntimeError as exc:  # a sticky CUDA error surfaces at the copy
@@ -201,3 +208,31 @@ class Launcher:
     def close(self):
         self.start.destroy()
         self.end.destroy()
+
+
+@dataclass
+class _Staged:
+    """One launch's buffers and the sources of its inputs (to prove them unchanged)."""
+
+    arena: Arena
+    noise: object  # the noise on the device, flat
+    teacher: object  # the teacher tokens on the device, flat, or None
+    T: int
+    B: int
+
+
+def _params(weights: DeviceWeights, arena: Arena, has_teacher: bool, T: int, B: int, mode: int) -> Params:
+    """The kernel's arguments: every buffer's address, the shape, the mode and the sampling constants."""
+    prm = Params()
+    for n in NAMES:
+        setattr(prm, n, weights.ptr(n))
+    prm.noise = arena["noise"].data_ptr()
+    prm.teacher = arena["teacher"].data_ptr() if has_teacher else None
+    prm.tokens, prm.p = arena["tokens"].data_ptr(), arena["p"].data_ptr()
+    prm.h0_out, prm.h1_out = arena["h0"].data_ptr(), arena["h1"].data_ptr()
+    prm.workspace = arena["workspace"].data_ptr()
+    prm.T, prm.B, prm.mode = T, B, mode
+    prm.temperature = TEMPERATURE
+    prm.log_min_p = log_min_p(MIN_P, False)
+    prm.reserved = 0
+    return prm

@@ -157,6 +157,42 @@ class Tally:
     def add(self, item):
         self.items.append(item)
 
+    def guard(self, name: str, out, sentinel_token: int, sentinel_bits: int) -> bool:
+        """Adds guard/<name>: every output written, in range and finite, and none of the launch's
+        own problems (guards written, inputs changed). Returns whether it passed."""
+        from lab.sdk import CheckItem
+
+        problems = guard_problems(out.tokens, out.p, out.h0, out.h1, sentinel_token, sentinel_bits)
+        problems += out.problems
+        self.add(CheckItem(f"guard/{name}", not problems, {}, "; ".join(problems)))
+        return not problems
+
+    def record_parity(self, name: str, cmp: GenerateComparison, steps: int) -> None:
+        """Adds generate_parity/<name>; the first mismatch of the run and the near-ties."""
+        from lab.sdk import CheckItem
+
+        self.near_ties += cmp.near_ties
+        if cmp.first_mismatch is not None and self.first_mismatch == "none":
+            self.first_mismatch = (f"step {cmp.first_mismatch} ({name}) margin {cmp.margin:.3g}"
+                                   + ("" if cmp.passed else " FAIL"))
+        self.add(CheckItem(f"generate_parity/{name}", cmp.passed,
+                           {"first_mismatch": cmp.first_mismatch, "margin": cmp.margin,
+                            "near_ties": cmp.near_ties, "steps": steps}, cmp.detail))
+
+    def record_outputs(self, name: str, kind: str, cmp: TeacherComparison) -> None:
+        """Adds <kind>/<name> (p and the final states) and keeps the run's largest differences."""
+        from lab.sdk import CheckItem
+
+        self.p_max = max(self.p_max, cmp.p_max)
+        self.p_mean = max(self.p_mean, cmp.p_mean)
+        self.h0_max = max(self.h0_max, cmp.h0_max)
+        self.h1_max = max(self.h1_max, cmp.h1_max)
+        self.ambiguous += cmp.ambiguous
+        self.add(CheckItem(f"{kind}/{name}", cmp.passed,
+                           {"p_max_abs_diff": cmp.p_max, "p_mean_abs_diff": cmp.p_mean,
+                            "h0_max_abs_diff": cmp.h0_max, "h1_max_abs_diff": cmp.h1_max,
+                            "ambiguous_steps": cmp.ambiguous}, cmp.detail))
+
     def lines(self) -> list[str]:
         ok = all(i.passed for i in self.items) and bool(self.items)
         out = [f"correctness: {'pass' if ok else 'fail'}",
@@ -308,139 +344,157 @@ def run(cubin: bytes, seeds: list[int], deadline_s: float = 30.0):
     set). Each in generate mode (tokens exact, p and final states against the reference) and
     teacher mode (p and final states), each phase in a freshly loaded module, every launch
     through the same Launcher as timing (guards, read-only inputs, scrubbing)."""
-    from lab.sdk import Check, CheckItem, require
+    from lab.sdk import Check, require
 
     from . import device as dev
     from .cuda import Module
-    from .model import Reference
-    from .philox import gumbel_torch
-    from .weights import make_weights
 
     torch = require("torch")
     start = time.perf_counter()
     if len(seeds) < 2:
         raise ValueError("the oracle needs at least two secret seeds")
-    T2, B2 = secret_shape(seeds[1])
-    specs = [("timed", PUBLIC_WEIGHT_SEED, T_TIMED, B_TIMED, derive(seeds[0], "noise")),
-             (f"secret_T{T2}_B{B2}", derive(seeds[1], "weights"), T2, B2, derive(seeds[1], "noise"))]
-    tally = Tally()
-
-    # 1. References first, before the candidate is loaded; only host copies of the outputs.
-    # Teacher-forced with its own tokens the reference retraces its generation exactly, so one
-    # generate run serves both modes.
-    cases = []
-    for name, wseed, T, B, nseed in specs:
-        W = make_weights(wseed)
-        G = gumbel_torch(nseed, T, B)
-        ref = Reference(W, "cuda")
-        cases.append({"name": name, "W": W, "G": G, "gen": ref.generate(G), "ref": ref, "T": T, "B": B})
-    torch.cuda.synchronize()
-
-    def fresh_launcher():
-        torch.cuda.empty_cache()
-        module = Module(cubin, dev.ENTRY, dev.LAUNCH_SYMBOL)
-        return module, dev.Launcher(module)
-
-    def guard(name, out):
-        problems = guard_problems(out.tokens, out.p, out.h0, out.h1, dev.SENTINEL_TOKEN, dev.SENTINEL_FLOAT_BITS)
-        problems += out.problems
-        tally.add(CheckItem(f"guard/{name}", not problems, {}, "; ".join(problems)))
-        return not problems
-
-    def record_outputs(name, kind, cmp):
-        tally.p_max = max(tally.p_max, cmp.p_max)
-        tally.p_mean = max(tally.p_mean, cmp.p_mean)
-        tally.h0_max = max(tally.h0_max, cmp.h0_max)
-        tally.h1_max = max(tally.h1_max, cmp.h1_max)
-        tally.ambiguous += cmp.ambiguous
-        tally.add(CheckItem(f"{kind}/{name}", cmp.passed,
-                            {"p_max_abs_diff": cmp.p_max, "p_mean_abs_diff": cmp.p_mean,
-                             "h0_max_abs_diff": cmp.h0_max, "h1_max_abs_diff": cmp.h1_max,
-                             "ambiguous_steps": cmp.ambiguous}, cmp.detail))
-
-    first = {}
-    # 2. Generate mode (module loaded fresh for the phase): tokens, then p and final states.
-    module, launcher = fresh_launcher()
-    for c in cases:
-        dw = dev.DeviceWeights(c["W"])
-        out = launcher.run(dw, c["G"], dev.MODE_GENERATE, deadline_s=deadline_s, what=f"generate {c['name']}")
-        first[("gen", c["name"])] = out
-        tally.hashes[f"generate/{c['name']}/tokens"] = sha256(out.tokens)
-        tally.hashes[f"generate/{c['name']}/p"] = sha256(out.p)
-        written = guard(f"generate/{c['name']}", out)
-        gen = c["gen"]
-        for si in range(c["B"]):
-            name = f"{c['name']}/stream{si}"
-            G1 = c["G"][:, si:si + 1]
-            forced = {}
-
-            def validate(k, c=c, G1=G1, forced=forced):
-                forced["run"] = c["ref"].teacher(k.reshape(-1, 1), G1)
-                v = forced["run"]
-                return v.deficit, v.forced_gap, v.tokens
-
-            cmp = compare_generate(out.tokens[:, si], gen.tokens[:, si], gen.margin[:, si], validate)
-            tally.near_ties += cmp.near_ties
-            if cmp.first_mismatch is not None and tally.first_mismatch == "none":
-                tally.first_mismatch = (f"step {cmp.first_mismatch} ({name}) margin {cmp.margin:.3g}"
-                                        + ("" if cmp.passed else " FAIL"))
-            tally.add(CheckItem(f"generate_parity/{name}", cmp.passed,
-                                {"first_mismatch": cmp.first_mismatch, "margin": cmp.margin,
-                                 "near_ties": cmp.near_ties, "steps": c["T"]}, cmp.detail))
-            if not (cmp.passed and written):
-                continue
-            # p and the final states along the kernel's own tokens: the generation itself, or
-            # the reference teacher-forced on the kernel's tokens after a validated near-tie.
-            r = forced.get("run")
-            if r is None:
-                ref_p, ref_h0, ref_h1, gap = gen.p[:, si], gen.h0[si], gen.h1[si], gen.threshold_gap[:, si]
-            else:
-                ref_p, ref_h0, ref_h1, gap = r.p[:, 0], r.h0[0], r.h1[0], r.threshold_gap[:, 0]
-            record_outputs(name, "generate_outputs",
-                           compare_outputs(out.p[:, si], out.h0[si], out.h1[si], ref_p, ref_h0, ref_h1, gap))
-        del dw
-    launcher.close()
-    module.unload()
-
-    # 3. Teacher-forced on the reference's tokens (module reloaded, buffers re-allocated).
-    module, launcher = fresh_launcher()
-    for c in cases:
-        dw = dev.DeviceWeights(c["W"])
-        gen = c["gen"]
-        out = launcher.run(dw, c["G"], dev.MODE_TEACHER, teacher=gen.tokens, deadline_s=deadline_s,
-                           what=f"teacher {c['name']}")
-        first[("tea", c["name"])] = out
-        for k in ("p", "h0", "h1"):
-            tally.hashes[f"teacher/{c['name']}/{k}"] = sha256(getattr(out, k))
-        if guard(f"teacher/{c['name']}", out):
-            for si in range(c["B"]):
-                record_outputs(f"{c['name']}/stream{si}", "teacher",
-                               compare_outputs(out.p[:, si], out.h0[si], out.h1[si], gen.p[:, si], gen.h0[si],
-                                               gen.h1[si], gen.threshold_gap[:, si]))
-        del dw
-    launcher.close()
-    module.unload()
-
-    # 4. Run twice: the same inputs in a freshly loaded module give bit-identical outputs.
-    module, launcher = fresh_launcher()
-    for kind, c, mode in (("gen", cases[0], dev.MODE_GENERATE), ("tea", cases[1], dev.MODE_TEACHER)):
-        dw = dev.DeviceWeights(c["W"])
-        again = launcher.run(dw, c["G"], mode, teacher=c["gen"].tokens if kind == "tea" else None,
-                             deadline_s=deadline_s, what=f"repeat {kind} {c['name']}")
-        prev = first[(kind, c["name"])]
-        same = all(np.array_equal(np.ascontiguousarray(getattr(again, k)).view(np.uint8),
-                                  np.ascontiguousarray(getattr(prev, k)).view(np.uint8))
-                   for k in ("tokens", "p", "h0", "h1")) and not again.problems
-        tally.add(CheckItem(f"bit_identical/{kind}/{c['name']}", same, {},
-                            "" if same else "the same inputs gave different outputs (a race or an uninitialised "
-                            "read)" + ("; " + "; ".join(again.problems) if again.problems else "")))
-        del dw
-    launcher.close()
-    module.unload()
-    for c in cases:
-        del c["ref"], c["G"]
-    torch.cuda.empty_cache()
-
+    o = _OracleRun(cubin, deadline_s, torch, dev, Module)
+    o.references(seeds)
+    o.generate_phase()
+    o.teacher_phase()
+    o.repeat_phase()
+    o.release()
+    tally = o.tally
     passed = all(i.passed for i in tally.items)
     return Check(passed=passed, items=tally.items, lines=tally.lines(), output_hashes=tally.hashes,
                  seconds=time.perf_counter() - start)
+
+
+def same_outputs(a, b) -> bool:
+    """Bit-identical tokens, p and final states."""
+    return all(np.array_equal(np.ascontiguousarray(getattr(a, k)).view(np.uint8),
+                              np.ascontiguousarray(getattr(b, k)).view(np.uint8))
+               for k in ("tokens", "p", "h0", "h1"))
+
+
+class _OracleRun:
+    """The steps of `run`, in order: references, generate mode, teacher mode, run twice, release.
+    `cases`: one dict per case (name, W, G, gen, ref, T, B); `first`: each phase-2/3 launch's
+    outputs, for the repeat."""
+
+    def __init__(self, cubin: bytes, deadline_s: float, torch, dev, module_cls):
+        self.cubin, self.deadline_s, self.torch, self.dev, self.Module = cubin, deadline_s, torch, dev, module_cls
+        self.tally = Tally()
+        self.cases: list[dict] = []
+        self.first: dict = {}
+
+    def references(self, seeds: list[int]) -> None:
+        """1. References first, before the candidate is loaded; only host copies of the outputs.
+        Teacher-forced with its own tokens the reference retraces its generation exactly, so one
+        generate run serves both modes."""
+        from .model import Reference
+        from .philox import gumbel_torch
+        from .weights import make_weights
+
+        T2, B2 = secret_shape(seeds[1])
+        specs = [("timed", PUBLIC_WEIGHT_SEED, T_TIMED, B_TIMED, derive(seeds[0], "noise")),
+                 (f"secret_T{T2}_B{B2}", derive(seeds[1], "weights"), T2, B2, derive(seeds[1], "noise"))]
+        for name, wseed, T, B, nseed in specs:
+            W = make_weights(wseed)
+            G = gumbel_torch(nseed, T, B)
+            ref = Reference(W, "cuda")
+            self.cases.append({"name": name, "W": W, "G": G, "gen": ref.generate(G), "ref": ref, "T": T, "B": B})
+        self.torch.cuda.synchronize()
+
+    def fresh_launcher(self):
+        """The candidate's module loaded afresh for a phase, and its launcher."""
+        self.torch.cuda.empty_cache()
+        module = self.Module(self.cubin, self.dev.ENTRY, self.dev.LAUNCH_SYMBOL)
+        return module, self.dev.Launcher(module)
+
+    def guard(self, name: str, out) -> bool:
+        """Tally.guard with the device's sentinels."""
+        return self.tally.guard(name, out, self.dev.SENTINEL_TOKEN, self.dev.SENTINEL_FLOAT_BITS)
+
+    def generate_phase(self) -> None:
+        """2. Generate mode (module loaded fresh for the phase): tokens, then p and final states."""
+        dev, tally = self.dev, self.tally
+        module, launcher = self.fresh_launcher()
+        for c in self.cases:
+            dw = dev.DeviceWeights(c["W"])
+            out = launcher.run(dw, c["G"], dev.MODE_GENERATE, deadline_s=self.deadline_s,
+                               what=f"generate {c['name']}")
+            self.first[("gen", c["name"])] = out
+            tally.hashes[f"generate/{c['name']}/tokens"] = sha256(out.tokens)
+            tally.hashes[f"generate/{c['name']}/p"] = sha256(out.p)
+            written = self.guard(f"generate/{c['name']}", out)
+            for si in range(c["B"]):
+                self.generate_stream(c, out, si, written)
+            del dw
+        launcher.close()
+        module.unload()
+
+    def generate_stream(self, c: dict, out, si: int, written: bool) -> None:
+        """Token parity of stream `si`; where it holds and every output was written, p and the
+        final states along the kernel's own tokens: the generation itself, or the reference
+        teacher-forced on the kernel's tokens after a validated near-tie."""
+        name = f"{c['name']}/stream{si}"
+        gen, G1 = c["gen"], c["G"][:, si:si + 1]
+        forced = {}
+
+        def validate(k):
+            forced["run"] = c["ref"].teacher(k.reshape(-1, 1), G1)
+            v = forced["run"]
+            return v.deficit, v.forced_gap, v.tokens
+
+        cmp = compare_generate(out.tokens[:, si], gen.tokens[:, si], gen.margin[:, si], validate)
+        self.tally.record_parity(name, cmp, c["T"])
+        if not (cmp.passed and written):
+            return
+        r = forced.get("run")
+        if r is None:
+            ref_p, ref_h0, ref_h1, gap = gen.p[:, si], gen.h0[si], gen.h1[si], gen.threshold_gap[:, si]
+        else:
+            ref_p, ref_h0, ref_h1, gap = r.p[:, 0], r.h0[0], r.h1[0], r.threshold_gap[:, 0]
+        self.tally.record_outputs(name, "generate_outputs",
+                                  compare_outputs(out.p[:, si], out.h0[si], out.h1[si], ref_p, ref_h0, ref_h1, gap))
+
+    def teacher_phase(self) -> None:
+        """3. Teacher-forced on the reference's tokens (module reloaded, buffers re-allocated)."""
+        dev, tally = self.dev, self.tally
+        module, launcher = self.fresh_launcher()
+        for c in self.cases:
+            dw = dev.DeviceWeights(c["W"])
+            gen = c["gen"]
+            out = launcher.run(dw, c["G"], dev.MODE_TEACHER, teacher=gen.tokens, deadline_s=self.deadline_s,
+                               what=f"teacher {c['name']}")
+            self.first[("tea", c["name"])] = out
+            for k in ("p", "h0", "h1"):
+                tally.hashes[f"teacher/{c['name']}/{k}"] = sha256(getattr(out, k))
+            if self.guard(f"teacher/{c['name']}", out):
+                for si in range(c["B"]):
+                    tally.record_outputs(f"{c['name']}/stream{si}", "teacher",
+                                         compare_outputs(out.p[:, si], out.h0[si], out.h1[si], gen.p[:, si],
+                                                         gen.h0[si], gen.h1[si], gen.threshold_gap[:, si]))
+            del dw
+        launcher.close()
+        module.unload()
+
+    def repeat_phase(self) -> None:
+        """4. Run twice: the same inputs in a freshly loaded module give bit-identical outputs."""
+        from lab.sdk import CheckItem
+
+        dev, cases = self.dev, self.cases
+        module, launcher = self.fresh_launcher()
+        for kind, c, mode in (("gen", cases[0], dev.MODE_GENERATE), ("tea", cases[1], dev.MODE_TEACHER)):
+            dw = dev.DeviceWeights(c["W"])
+            again = launcher.run(dw, c["G"], mode, teacher=c["gen"].tokens if kind == "tea" else None,
+                                 deadline_s=self.deadline_s, what=f"repeat {kind} {c['name']}")
+            same = same_outputs(again, self.first[(kind, c["name"])]) and not again.problems
+            detail = "" if same else ("the same inputs gave different outputs (a race or an uninitialised read)"
+                                      + ("; " + "; ".join(again.problems) if again.problems else ""))
+            self.tally.add(CheckItem(f"bit_identical/{kind}/{c['name']}", same, {}, detail))
+            del dw
+        launcher.close()
+        module.unload()
+
+    def release(self) -> None:
+        """The references and the noise off the GPU."""
+        for c in self.cases:
+            del c["ref"], c["G"]
+        self.torch.cuda.empty_cache()
