@@ -337,7 +337,8 @@ def try_(harness, patch, hypothesis, run_ref, new_run, no_confirm, model_path, e
                                 display=_display(as_json), patch=text)
     except PatchRejected as exc:  # refused before a run existed: nothing was made
         if as_json:
-            _print_json({"run": None, "refused": str(exc), "sandbox": isolation, "exit": EXIT_REFUSED})
+            _print_json({"run": None, "event": {"type": "rejected", "reason": exc.reason, "detail": exc.detail},
+                         "refused": str(exc), "sandbox": isolation, "exit": EXIT_REFUSED})
         else:
             click.echo(f"refused ({exc}); no run was made")
         sys.exit(EXIT_REFUSED)

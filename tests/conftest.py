@@ -186,6 +186,17 @@ def make_cdot_repo(repo: Path) -> Path:
     return repo
 
 
+def new_try_run(cdot_repo: Path) -> str:
+    """A new try run of cdot, nothing tried yet (what a first `lab try` whose patch applies
+    starts with), made by a process that has ended: its name."""
+    script = ("from pathlib import Path\nfrom lab.envs import get\nfrom lab.harness import load\n"
+              "from lab.runs import try_lab\nh = load('harnesses/cdot')\n"
+              "lab, _ = try_lab(h, get('native', h), Path('runs'), new_run=True)\n"
+              "lab.record_stop('made by the test')\nprint(lab.folder.path.name)\n")
+    return subprocess.run([sys.executable, "-c", script], cwd=cdot_repo, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def snapshot_repo(dest: Path) -> Path:
     """A repository at `dest` holding this checkout's files as they are now (tracked and new, not
     ignored), committed: what a colleague or a new user would clone."""

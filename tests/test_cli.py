@@ -45,7 +45,7 @@ def test_check_and_try_through_the_cli(cdot, cdot_repo):
     assert len(runs) == 1 and runs[0]["verdicts"] == {"FAIL": 1} and runs[0]["state"] == "stopped"
 
 
-def test_patch_outside_the_surface_is_rejected_and_recorded(cdot, cdot_repo, tmp_path):
+def test_patch_outside_the_surface_is_refused(cdot, cdot_repo, tmp_path):
     bad = tmp_path / "bad.patch"
     bad.write_text("--- a/harness.py\n+++ b/harness.py\n@@ -1 +1 @@\n-x\n+y\n")
     out = lab_cli("try", str(cdot.root), str(bad), "--json", cwd=cdot_repo)

@@ -16,7 +16,7 @@ from lab.records import SCHEMA_VERSION
 from lab.runs import format_duration, resolve, resume_command, status_of
 from lab.store import RunFolder
 
-from conftest import git, lab_cli
+from conftest import git, lab_cli, new_try_run
 
 
 def _folder(runs: Path, name: str, *events: str, **meta) -> RunFolder:
@@ -116,34 +116,23 @@ def _branches(repo):
     return sorted(b.strip(" *+") for b in git(repo, "branch", "--list", "lab/*").splitlines())
 
 
-def _new_try_run(cdot_repo) -> str:
-    """A new try run of cdot, nothing tried yet (what a first `lab try` whose patch applies
-    starts with), made by a process that has ended: its name."""
-    script = ("from pathlib import Path\nfrom lab.envs import get\nfrom lab.harness import load\n"
-              "from lab.runs import try_lab\nh = load('harnesses/cdot')\n"
-              "lab, _ = try_lab(h, get('native', h), Path('runs'), new_run=True)\n"
-              "lab.record_stop('made by the test')\nprint(lab.folder.path.name)\n")
-    return subprocess.run([sys.executable, "-c", script], cwd=cdot_repo, check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-
 def test_try_goes_on_with_one_standing_run_and_clean_removes_finished_ones(cdot_repo, tmp_path):
     empty = tmp_path / "empty.patch"
     empty.write_text("\n")
     first, data = _try(cdot_repo, empty)
     assert first.returncode == 2, first.stderr  # refused before any run exists: none is made
     assert data["run"] is None and "empty patch" in data["refused"] and not _branches(cdot_repo)
-    standing = _new_try_run(cdot_repo)
+    standing = new_try_run(cdot_repo)
     again = lab_cli("try", "cdot", str(empty), cwd=cdot_repo)
     assert again.returncode == 2 and "REJECTED" not in again.stdout
     line = next(line for line in again.stdout.splitlines() if line.startswith("#"))
     assert line.startswith("#1 refused (empty patch): it holds no diff; make one with `git diff"), again.stdout
     assert f"run: runs/{standing} (the standing try run" in again.stdout
-    with_keep = _new_try_run(cdot_repo)
+    with_keep = new_try_run(cdot_repo)
     assert with_keep != standing
     kept = RunFolder.open(cdot_repo / "runs" / with_keep)
     kept.append("kept", number=1, commit=kept.meta["base_commit"], speedup=1.5)
-    busy = _new_try_run(cdot_repo)
+    busy = new_try_run(cdot_repo)
     assert len(_branches(cdot_repo)) == 3
 
     with held(cdot_repo / "runs" / busy) as pid:
@@ -170,7 +159,7 @@ def test_try_goes_on_with_one_standing_run_and_clean_removes_finished_ones(cdot_
         assert "removed worktree, branch (stopped)" in lab_cli("clean", "--kept", cwd=cdot_repo).stdout
         _, fifth = _try(cdot_repo, empty)  # every other one is cleaned or running: a new one, which
         assert fifth["run"] is None        # an empty patch does not get
-        newest = _new_try_run(cdot_repo)
+        newest = new_try_run(cdot_repo)
         assert newest not in (standing, with_keep, busy)
 
         out = lab_cli("clean", "--folders", cwd=cdot_repo)

@@ -15,7 +15,7 @@ from lab.harness import stage_editable
 from lab.loop import Lab, Settings
 from lab.workspace import Workspace, apply_patch, git, guard_patch
 
-from conftest import CDOT, lab_cli
+from conftest import CDOT, lab_cli, new_try_run
 
 TWO = (CDOT / "solutions" / "correct" / "two-accumulators.patch").read_text()
 
@@ -122,7 +122,18 @@ def test_only_regular_files_in_lab_try(cdot, cdot_repo, tmp_path):
             assert out.returncode == 2, out.stderr  # refused
             data = json.loads(out.stdout)
             assert data["event"]["type"] == "rejected" and data["event"]["reason"] == reason, data["event"]
-            run = cdot_repo / data["run"]  # an absolute path stays itself
+            assert data["run"] is None  # refused before a run was made
+    assert not (cdot_repo / "runs").exists() or not list((cdot_repo / "runs").glob("cdot*")), \
+        "refused before anything ran (not even the noise floor)"
+    # the same refusals inside a run that exists: each is that run's experiment, nothing measured
+    run = cdot_repo / "runs" / new_try_run(cdot_repo)
+    for reason, patches in REFUSED.items():
+        for i, text in enumerate(patches):
+            patch = tmp_path / f"{reason.replace(' ', '_')}-{i}.patch"
+            out = lab_cli("try", str(cdot.root), str(patch), "--json", "--run", str(run), cwd=cdot_repo)
+            assert out.returncode == 2, out.stderr
+            event = json.loads(out.stdout)["event"]
+            assert event["type"] == "rejected" and event["reason"] == reason and event["number"], event
     assert not (run / "evaluations").exists(), "refused before anything ran (not even the noise floor)"
 
 
