@@ -42,7 +42,13 @@ SLOW = {
 }
 
 
+# Tests that need the background build (see WARM_LLAMACPP below) run last, so that the build has the
+# rest of the suite to finish in.
+LAST = ("test_llamacpp_solutions.py",)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name in LAST)  # stable: the order within each part stays
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU; none is visible on this machine")
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
@@ -100,9 +106,9 @@ def session_cache_env(tmp_path_factory) -> dict[str, str]:
 
 # --- llama.cpp's pristine build, started in the background -----------------------------------
 # The one heavy build of the suite (~5 minutes cold on 2 cores) starts as soon as the tests are
-# collected, at the lowest priority, while the tests before the llama.cpp ones run (mostly one
-# core busy, often waiting); the llama.cpp tests' `pristine_build` fixture then follows it to its
-# end, showing its stages. Timing stays honest: a nice-19 build takes ~1-2 % of a core that a
+# collected, at the lowest priority, while the rest of the suite runs (mostly one core busy,
+# often waiting; the llama.cpp tests come last, LAST above); their `pristine_build` fixture then
+# follows it to its end, showing its stages. Timing stays honest: a nice-19 build takes ~1-2 % of a core that a
 # timed process wants. LAB_TEST_BACKGROUND_BUILD=0 turns it off.
 WARM_LLAMACPP = """
 import os, sys
@@ -126,7 +132,7 @@ _background: dict = {}
 def pytest_collection_finish(session):
     wanted = any(item.path.name == "test_llamacpp_solutions.py" and "cuda" not in item.nodeid
                  for item in session.items)
-    if not wanted or os.environ.get("LAB_TEST_BACKGROUND_BUILD", "1") == "0":
+    if not wanted or session.config.option.collectonly or os.environ.get("LAB_TEST_BACKGROUND_BUILD", "1") == "0":
         return
     env = {**os.environ, **session_cache_env(session.config._tmp_path_factory)}
     log = session.config._tmp_path_factory.getbasetemp() / "llamacpp-background-build.log"
