@@ -347,6 +347,10 @@ def test_clock_lock_restores_on_exception_and_sigint(tmp_path):
         sys.path.insert(0, {str(HERE)!r})
         from test_system import FakeNVML
         from lab.system.clocks import ClockLock
+        # A process started with SIGINT ignored keeps it ignored (pytest's process can be such a
+        # one, through a library earlier tests loaded, or `nohup`); a terminal's process has
+        # Python's handler, which is the case under test.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             with ClockLock(0, nvml=FakeNVML(log={str(log)!r}), geteuid=lambda: 0):
                 os.kill(os.getpid(), signal.SIGINT)
