@@ -1,9 +1,7 @@
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -42,13 +40,7 @@ SLOW = {
 }
 
 
-# Tests that need the background build (see WARM_LLAMACPP below) run last, so that the build has the
-# rest of the suite to finish in.
-LAST = ("test_llamacpp_solutions.py",)
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name in LAST)  # stable: the order within each part stays
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU; none is visible on this machine")
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
@@ -102,79 +94,6 @@ def session_cache_env(tmp_path_factory) -> dict[str, str]:
     """The caches of this test session (see _isolated_cache), for a session fixture too."""
     return {"LAB_CACHE": os.environ.get("LAB_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "lab-cache"),
             "CCACHE_DIR": os.environ.get("CCACHE_DIR") or str(TEST_CCACHE)}
-
-
-# --- llama.cpp's pristine build, started in the background -----------------------------------
-# The one heavy build of the suite (~5 minutes cold on 2 cores) starts as soon as the tests are
-# collected, at the lowest priority, while the rest of the suite runs (mostly one core busy,
-# often waiting; the llama.cpp tests come last, LAST above); their `pristine_build` fixture then
-# follows it to its end, showing its stages. Timing stays honest: a nice-19 build takes ~1-2 % of a core that a
-# timed process wants. LAB_TEST_BACKGROUND_BUILD=0 turns it off.
-WARM_LLAMACPP = """
-import os, sys
-os.nice(19)
-os.environ["LAB_LLAMACPP_BACKEND"] = "cpu"
-from lab.errors import EnvironmentUnavailable
-from lab.harness import load
-from lab.progress import Progress
-try:
-    with Progress("llama.cpp for the tests: the pristine build, in the background", file=sys.stdout, tty=False):
-        h = load(sys.argv[1])
-        h.preflight()
-        h.baseline()
-except EnvironmentUnavailable as exc:
-    print(f"unavailable: {exc}", flush=True)
-    sys.exit(3)
-"""
-_background: dict = {}
-
-
-def pytest_collection_finish(session):
-    wanted = any(item.path.name == "test_llamacpp_solutions.py" and "cuda" not in item.nodeid
-                 for item in session.items)
-    if not wanted or session.config.option.collectonly or os.environ.get("LAB_TEST_BACKGROUND_BUILD", "1") == "0":
-        return
-    env = {**os.environ, **session_cache_env(session.config._tmp_path_factory)}
-    log = session.config._tmp_path_factory.getbasetemp() / "llamacpp-background-build.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", WARM_LLAMACPP, str(REPO / "harnesses" / "llamacpp")],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its own group: stopped whole at the end
-    _background["llamacpp"] = (proc, log)
-
-
-def follow_background_build(name: str, show) -> list[str] | None:
-    """The stages of the background build `name`, each passed to `show` as it is written, once
-    it has ended; None when none was started."""
-    if name not in _background:
-        return None
-    proc, log = _background[name]
-    stages, offset, partial = [], 0, ""
-    while True:
-        done = proc.poll() is not None
-        with open(log) as f:
-            f.seek(offset)
-            chunk = f.read()
-            offset = f.tell()
-        lines = (partial + chunk).split("\n")
-        partial = lines.pop()
-        for line in lines:
-            show(line)
-            text = line.split("] ", 1)[1] if line.startswith("[") and "] " in line else line
-            stages.append(text)
-        if done:
-            return stages
-        time.sleep(0.5)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    for proc, _ in _background.values():
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
 
 
 def make_cdot_repo(repo: Path) -> Path:

@@ -26,7 +26,7 @@ from lab.harness import load
 from lab.workspace import guard_patch
 
 from solutions import expected as expected_verdicts
-from conftest import follow_background_build, session_cache_env
+from conftest import session_cache_env
 
 HARNESS = Path(__file__).resolve().parent.parent / "harnesses" / "llamacpp"
 SOLUTIONS = HARNESS / "solutions"
@@ -90,20 +90,16 @@ def pristine_build(request, tmp_path_factory):
         for name, value in session_cache_env(tmp_path_factory).items():
             mp.setenv(name, value)
         mp.setenv("LAB_LLAMACPP_BACKEND", "cpu")
-        with capture.global_and_fixture_disabled():
-            print()
-            # conftest started the build in the background when the session began: follow it
-            # to its end (its stages shown as they come), then the build below is a cache hit.
-            background = follow_background_build("llamacpp", print)
         h = load(HARNESS)
         try:
             h.preflight()
             with capture.global_and_fixture_disabled():
+                print()
                 with Recorder("llama.cpp for the tests: the pristine build"):
                     h.baseline()
         except EnvironmentUnavailable:
             return None
-    return seen + (background or [])
+    return seen
 
 
 def test_the_suites_build_says_what_it_is_doing(pristine_build):
