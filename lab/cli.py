@@ -386,7 +386,7 @@ AGAINST_THE_INCUMBENT = ("does not apply", "duplicate", "applies to nothing")
 def _try_line(event: dict, standing_kept: int) -> str:
     """lab try's line of the experiment; `standing_kept`: the kept tries in the incumbent of the
     standing run it went on in (0: not a standing run)."""
-    from . import fmt
+    from .display import event_line
 
     if event["type"] == "rejected":
         line = f"#{event['number']} refused ({event['reason']}): {event.get('detail') or event.get('description', '')}"
@@ -394,12 +394,7 @@ def _try_line(event: dict, standing_kept: int) -> str:
             line += (f"; this run's incumbent holds {standing_kept} kept tr{'y' if standing_kept == 1 else 'ies'}: "
                      "--new-run tries it against the checkout's source")
         return line
-    verdict = event.get("verdict") or {}
-    line = f"#{event['number']} {verdict['status']}"
-    gain, bounds = fmt.speedup_of(verdict), fmt.ci_of(verdict)
-    if gain is not None and bounds:
-        line += f" {gain:.2f}x (99% CI {bounds[0]:.2f}-{bounds[1]:.2f})"
-    return line + f": {event.get('description', '')}" + (f" — {verdict['reason']}" if verdict.get("reason") else "")
+    return event_line(event)  # the live view's line of the same event
 
 
 RUN_ARGUMENT = click.argument("run_ref", metavar="RUN")
