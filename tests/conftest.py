@@ -40,6 +40,37 @@ SLOW = {
 }
 
 
+# pytest-xdist (pyproject's addopts: -n 2 --dist loadgroup): tests that share one service or one
+# build run on one worker, so that it is started or made once: the Docker engine and registry
+# (started and stopped by the session that needs them), the real harnesses' suites (one llama.cpp
+# build, one MLX setup), the kept cdot run. The first matching rule names the group.
+XDIST_GROUPS = (
+    ("docker", lambda item: bool({"docker_client", "published"} & set(item.fixturenames))),
+    ("llamacpp", lambda item: item.module.__name__ == "test_llamacpp_solutions"),
+    ("mlx", lambda item: item.module.__name__ == "test_mlx_solutions"),
+    ("kept_cdot", lambda item: "kept_cdot" in item.fixturenames),
+)
+
+
+def pytest_configure(config):
+    _pin_xdist_worker()
+
+
+def _pin_xdist_worker() -> None:
+    """An xdist worker, and every process it starts, runs on its own share of the cores: the
+    timed tests of one worker never share a core with the other's builds and models (a build
+    on the timing core made re-timed bundles disagree with their record: docs/decisions.md).
+    The lab inside a worker sees that share as the machine, as it would under taskset."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = sorted(os.sched_getaffinity(0))
+    if not worker or count < 2 or len(cores) < 2:
+        return
+    index = int(worker.removeprefix("gw")) % count
+    per = max(1, len(cores) // count)
+    share = cores[index * per:(index + 1) * per] if index < count - 1 else cores[index * per:]
+    os.sched_setaffinity(0, share or cores[-1:])
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU; none is visible on this machine")
     for item in items:
@@ -47,6 +78,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if getattr(item, "originalname", item.name) in SLOW:
             item.add_marker(pytest.mark.slow)
+        group = next((name for name, belongs in XDIST_GROUPS if belongs(item)), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def _in_ci() -> bool:
@@ -91,8 +125,12 @@ TEST_CCACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") /
 
 
 def session_cache_env(tmp_path_factory) -> dict[str, str]:
-    """The caches of this test session (see _isolated_cache), for a session fixture too."""
-    return {"LAB_CACHE": os.environ.get("LAB_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "lab-cache"),
+    """The caches of this test session (see _isolated_cache), for a session fixture too. The
+    xdist workers of one session share one (the lab's caches lock what they build)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's root; each worker's own basetemp is under it
+    return {"LAB_CACHE": os.environ.get("LAB_TEST_CACHE") or str(base / "lab-cache"),
             "CCACHE_DIR": os.environ.get("CCACHE_DIR") or str(TEST_CCACHE)}
 
 

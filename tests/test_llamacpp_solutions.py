@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,7 @@ def pristine_build(request, tmp_path_factory):
         try:
             h.preflight()
             with capture.global_and_fixture_disabled():
-                print()
+                print(file=sys.stderr)  # fd 2: an xdist worker's stdout goes nowhere
                 with Recorder("llama.cpp for the tests: the pristine build"):
                     h.baseline()
         except EnvironmentUnavailable:

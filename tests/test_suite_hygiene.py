@@ -22,7 +22,7 @@ def test_every_run_shows_the_slowest_tests():
 def test_the_slowest_tests_are_marked_and_exist():
     """`pytest -m "not slow"` leaves out every name in conftest.SLOW; a renamed test must not
     silently fall out of the list."""
-    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "slow",
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-n", "0", "-m", "slow",
                                 "-p", "no:cacheprovider", str(HERE)], cwd=REPO, capture_output=True, text=True,
                                timeout=300).stdout
     names = {line.split("::")[-1].split("[")[0] for line in collected.splitlines() if "::" in line}
