@@ -71,6 +71,7 @@ def _pin_xdist_worker() -> None:
     os.sched_setaffinity(0, share or cores[-1:])
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU; none is visible on this machine")
     for item in items:
