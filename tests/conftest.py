@@ -45,7 +45,8 @@ SLOW = {
 # (started and stopped by the session that needs them), the real harnesses' suites (one llama.cpp
 # build, one MLX setup), the kept cdot run. The first matching rule names the group.
 XDIST_GROUPS = (
-    ("docker", lambda item: bool({"docker_client", "published"} & set(item.fixturenames))),
+    ("docker", lambda item: bool({"docker_client", "published"} & set(item.fixturenames))
+     or "docker" in getattr(getattr(item, "callspec", None), "params", {}).values()),  # lab_env[docker]
     ("llamacpp", lambda item: item.module.__name__ == "test_llamacpp_solutions"),
     ("mlx", lambda item: item.module.__name__ == "test_mlx_solutions"),
     ("kept_cdot", lambda item: "kept_cdot" in item.fixturenames),
@@ -53,22 +54,28 @@ XDIST_GROUPS = (
 
 
 def pytest_configure(config):
-    _pin_xdist_worker()
-
-
-def _pin_xdist_worker() -> None:
-    """An xdist worker, and every process it starts, runs on its own share of the cores: the
-    timed tests of one worker never share a core with the other's builds and models (a build
-    on the timing core made re-timed bundles disagree with their record: docs/decisions.md).
-    The lab inside a worker sees that share as the machine, as it would under taskset."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    cores = sorted(os.sched_getaffinity(0))
-    if not worker or count < 2 or len(cores) < 2:
-        return
-    index = int(worker.removeprefix("gw")) % count
-    per = max(1, len(cores) // count)
-    share = cores[index * per:(index + 1) * per] if index < count - 1 else cores[index * per:]
-    os.sched_setaffinity(0, share or cores[-1:])
+    if worker and count > 1:
+        os.sched_setaffinity(0, worker_cores(int(worker.removeprefix("gw")), count, sorted(os.sched_getaffinity(0))))
+
+
+def worker_cores(index: int, count: int, cores: list[int]) -> list[int]:
+    """The cores of xdist worker `index` of `count`: a contiguous share of `cores`, the last
+    worker taking what does not divide evenly. An xdist worker, and every process it starts,
+    runs on its own share, so the timed tests of one worker never share a core with the other's
+    builds and models (a build on the timing core made re-timed bundles disagree with their
+    record: docs/decisions.md); the lab inside a worker sees that share as the machine, as it
+    would under taskset. With fewer cores than workers they share the last core."""
+    per = len(cores) // count
+    if per == 0:
+        return cores[-1:]
+    index %= count
+    return cores[index * per:(index + 1) * per] if index < count - 1 else cores[index * per:]
+
+
+def xdist_group(item) -> str | None:
+    """The xdist group of a collected test (XDIST_GROUPS), or None."""
+    return next((name for name, belongs in XDIST_GROUPS if belongs(item)), None)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
@@ -79,7 +86,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if getattr(item, "originalname", item.name) in SLOW:
             item.add_marker(pytest.mark.slow)
-        group = next((name for name, belongs in XDIST_GROUPS if belongs(item)), None)
+        group = xdist_group(item)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
 
@@ -131,8 +138,91 @@ def session_cache_env(tmp_path_factory) -> dict[str, str]:
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent  # the session's root; each worker's own basetemp is under it
-    return {"LAB_CACHE": os.environ.get("LAB_TEST_CACHE") or str(base / "lab-cache"),
+    return cache_env_at(base)
+
+
+def cache_env_at(root: Path) -> dict[str, str]:
+    """The caches of the session whose root basetemp is `root`."""
+    return {"LAB_CACHE": os.environ.get("LAB_TEST_CACHE") or str(root / "lab-cache"),
             "CCACHE_DIR": os.environ.get("CCACHE_DIR") or str(TEST_CCACHE)}
+
+
+# --- llama.cpp: the pristine build of the real-harness tests, made once per session -------------
+LLAMACPP_HARNESS = REPO / "harnesses" / "llamacpp"
+LLAMACPP_TESTS = HERE / "test_llamacpp_solutions.py"
+PREBUILT = "llamacpp-pristine-build.json"  # in the session's root basetemp: what the prebuild did
+
+
+def build_llamacpp_pristine(cache_env: dict[str, str]) -> list[str] | None:
+    """Build the pinned llama.cpp tree for the CPU into the caches of `cache_env`, every stage on
+    stderr as it happens: the stages seen ([] when the build was already there), or None where
+    the harness cannot run here."""
+    from lab.errors import EnvironmentUnavailable
+    from lab.progress import Progress
+
+    seen: list[str] = []
+
+    class Recorder(Progress):
+        def stage(self, text):
+            seen.append(text)
+            super().stage(text)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in cache_env.items():
+            mp.setenv(name, value)
+        mp.setenv("LAB_LLAMACPP_BACKEND", "cpu")
+        h = load(LLAMACPP_HARNESS)
+        try:
+            h.preflight()
+            print(file=sys.stderr)
+            with Recorder("llama.cpp for the tests: the pristine build"):
+                h.baseline()
+        except EnvironmentUnavailable:
+            return None
+    return seen
+
+
+def prebuilt_llamacpp(basetemp: Path) -> dict | None:
+    """What pytest_sessionstart's build left for this session ({"stages": [...] or None}), or
+    None when it made none."""
+    import json
+
+    for root in (basetemp, basetemp.parent):
+        if (root / PREBUILT).is_file():
+            return json.loads((root / PREBUILT).read_text())
+    return None
+
+
+def pytest_sessionstart(session):
+    """A run that includes the real llama.cpp tests builds llama.cpp first, on every core, before
+    xdist starts its workers (which then find it in the session's cache): a cold build takes
+    ~5 min on 2 cores, but more than twice that on one core beside the other worker's tests
+    (13 min 45 s on 2026-12-03), which held the whole suite up. Not in a worker, not for
+    --collect-only, not when the tests are deselected by path or by -m "not slow"."""
+    config = session.config
+    if os.environ.get("PYTEST_XDIST_WORKER") or config.option.collectonly or not _selects(config, LLAMACPP_TESTS):
+        return
+    import json
+
+    basetemp = config._tmp_path_factory.getbasetemp()
+    stages = build_llamacpp_pristine(cache_env_at(basetemp))
+    (basetemp / PREBUILT).write_text(json.dumps({"stages": stages}))
+
+
+def _selects(config, test_file: Path) -> bool:
+    """Whether the paths and -m of this run include `test_file`'s tests (a -k is not looked at)."""
+    markexpr = config.option.markexpr or ""
+    if "not slow" in markexpr or (markexpr and "slow" not in markexpr):
+        return False
+    for arg in config.args:
+        path = Path(arg.split("::")[0])
+        for base in (config.invocation_params.dir, config.rootpath):
+            full = (base / path).resolve()
+            if full.exists():
+                if full == test_file or full in test_file.parents:
+                    return True
+                break
+    return False
 
 
 def make_cdot_repo(repo: Path) -> Path:

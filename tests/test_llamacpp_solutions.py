@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from lab.harness import load
 from lab.workspace import guard_patch
 
 from solutions import expected as expected_verdicts
-from conftest import session_cache_env
+from conftest import build_llamacpp_pristine, prebuilt_llamacpp, session_cache_env
 
 HARNESS = Path(__file__).resolve().parent.parent / "harnesses" / "llamacpp"
 SOLUTIONS = HARNESS / "solutions"
@@ -73,34 +72,17 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def pristine_build(request, tmp_path_factory):
-    """The pinned tree's CPU build, made once per session before the first test here needs it,
-    every stage of it printed on the terminal as it happens (a cold build takes ~10 minutes on 2
-    cores; pytest's capture would otherwise keep them silent): the stages seen, or None where
-    the harness cannot run here (its tests then say why)."""
-    from lab.progress import Progress
-
-    seen = []
-
-    class Recorder(Progress):
-        def stage(self, text):
-            seen.append(text)
-            super().stage(text)
-
+    """The pinned tree's CPU build: the stages seen while it was made, [] when it was already
+    there, or None where the harness cannot run here (its tests then say why). A whole-suite run
+    made it before its workers started, on every core (conftest.pytest_sessionstart); otherwise
+    the first test here that needs it makes it, every stage printed on the terminal as it
+    happens (pytest's capture would keep a ~10-minute cold build silent)."""
+    made = prebuilt_llamacpp(tmp_path_factory.getbasetemp())
+    if made is not None:
+        return made["stages"]
     capture = request.config.pluginmanager.getplugin("capturemanager")
-    with pytest.MonkeyPatch.context() as mp:  # the caches the tests will use
-        for name, value in session_cache_env(tmp_path_factory).items():
-            mp.setenv(name, value)
-        mp.setenv("LAB_LLAMACPP_BACKEND", "cpu")
-        h = load(HARNESS)
-        try:
-            h.preflight()
-            with capture.global_and_fixture_disabled():
-                print(file=sys.stderr)  # fd 2: an xdist worker's stdout goes nowhere
-                with Recorder("llama.cpp for the tests: the pristine build"):
-                    h.baseline()
-        except EnvironmentUnavailable:
-            return None
-    return seen
+    with capture.global_and_fixture_disabled():
+        return build_llamacpp_pristine(session_cache_env(tmp_path_factory))
 
 
 def test_the_suites_build_says_what_it_is_doing(pristine_build):

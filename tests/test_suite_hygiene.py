@@ -9,24 +9,51 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
-from conftest import HERE, REPO, SLOW, _pids, stop_started
+import pytest
+
+from conftest import HERE, REPO, SLOW, _pids, stop_started, worker_cores, xdist_group
 
 
-def test_every_run_shows_the_slowest_tests():
+def test_every_run_shows_the_slowest_tests_and_uses_two_workers():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert "--durations=20" in config["addopts"].split()
     assert any(m.startswith("slow:") for m in config["markers"])
+    assert "-n 2 --dist loadgroup" in config["addopts"]
 
 
-def test_the_slowest_tests_are_marked_and_exist():
+def test_each_worker_gets_its_own_cores():
+    assert [worker_cores(i, 2, [0, 1]) for i in range(2)] == [[0], [1]]
+    assert [worker_cores(i, 2, [0, 1, 2, 3]) for i in range(2)] == [[0, 1], [2, 3]]
+    assert [worker_cores(i, 2, [0, 1, 2]) for i in range(2)] == [[0], [1, 2]]
+    assert [worker_cores(i, 2, [5]) for i in range(2)] == [[5], [5]]  # one core: shared, never empty
+
+
+def test_tests_of_one_service_or_build_share_a_worker():
+    def item(module, *fixtures):
+        return SimpleNamespace(module=SimpleNamespace(__name__=module), fixturenames=list(fixtures))
+
+    assert xdist_group(item("test_bundle", "tmp_path", "published", "docker_client", "kept_cdot")) == "docker"
+    assert xdist_group(item("test_llamacpp_solutions", "harness_for")) == "llamacpp"
+    assert xdist_group(item("test_mlx_solutions", "tmp_path")) == "mlx"
+    assert xdist_group(item("test_colleague", "kept_cdot")) == "kept_cdot"
+    assert xdist_group(item("test_stats")) is None
+    docker_param = item("test_redteam", "lab_env", "setting")
+    docker_param.callspec = SimpleNamespace(params={"lab_env": "docker"})
+    assert xdist_group(docker_param) == "docker"  # it asks for the engine at run time
+
+
+def test_the_slowest_tests_are_marked_and_exist(request):
     """`pytest -m "not slow"` leaves out every name in conftest.SLOW; a renamed test must not
-    silently fall out of the list."""
-    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-n", "0", "-m", "slow",
-                                "-p", "no:cacheprovider", str(HERE)], cwd=REPO, capture_output=True, text=True,
-                               timeout=300).stdout
-    names = {line.split("::")[-1].split("[")[0] for line in collected.splitlines() if "::" in line}
+    silently fall out of the list. Checked against this session's collection (every xdist worker
+    collects the whole suite) when it is the whole suite."""
+    items = request.session.items
+    if {Path(str(i.fspath)).name for i in items} < {p.name for p in HERE.glob("test_*.py")}:
+        pytest.skip("only part of the suite was collected: run the whole suite to check conftest.SLOW")
+    names = {getattr(i, "originalname", i.name) for i in items}
     assert SLOW <= names, SLOW - names
+    assert all("slow" in i.keywords for i in items if getattr(i, "originalname", i.name) in SLOW)
 
 
 def _run_suite(tmp_path: Path, ci: str) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ from lab.sdk import Build, EnvironmentUnavailable, file_lock, progress, sandbox,
 
 from . import source
 
-TOOLS = ("lab-llama-driver", "llama-bench", "llama-completion", "llama-perplexity", "llama-results")
+TOOLS = ("lab-llama-driver", "llama-bench", "llama-perplexity", "llama-results")  # what the oracle and timing run
 CUDA_TOOLS = ("test-backend-ops",)  # compares the CUDA ops with the CPU's
 BUILD_TIMEOUT_S = 3600
 # The harness's own driver (driver.cpp, locked): built as one more tool of the tree, linked
