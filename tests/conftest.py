@@ -205,7 +205,8 @@ def pytest_sessionstart(session):
     import json
 
     basetemp = config._tmp_path_factory.getbasetemp()
-    stages = build_llamacpp_pristine(cache_env_at(basetemp))
+    with config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():  # shown as it happens
+        stages = build_llamacpp_pristine(cache_env_at(basetemp))
     (basetemp / PREBUILT).write_text(json.dumps({"stages": stages}))
 
 
