@@ -41,13 +41,14 @@ SLOW = {
 
 
 # pytest-xdist (pyproject's addopts: -n 2 --dist loadgroup): tests that share one service or one
-# build run on one worker, so that it is started or made once: the Docker engine and registry
-# (started and stopped by the session that needs them), the real harnesses' suites (one llama.cpp
-# build, one MLX setup), the kept cdot run. The first matching rule names the group.
+# costly session fixture run on one worker, so that it is started or made once: the Docker engine
+# and registry (started and stopped by the session that needs them), the MLX suite, the kept cdot
+# run. llama.cpp's tests go to either worker: its build is made before the workers start
+# (pytest_sessionstart) and every later build takes the build folder's lock. The first matching
+# rule names the group.
 XDIST_GROUPS = (
     ("docker", lambda item: bool({"docker_client", "published"} & set(item.fixturenames))
      or "docker" in getattr(getattr(item, "callspec", None), "params", {}).values()),  # lab_env[docker]
-    ("llamacpp", lambda item: item.module.__name__ == "test_llamacpp_solutions"),
     ("mlx", lambda item: item.module.__name__ == "test_mlx_solutions"),
     ("kept_cdot", lambda item: "kept_cdot" in item.fixturenames),
 )
