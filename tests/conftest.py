@@ -205,10 +205,25 @@ def pytest_sessionstart(session):
         return
     import json
 
+    import time
+
     basetemp = config._tmp_path_factory.getbasetemp()
+    started = time.monotonic()
     with config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():  # shown as it happens
         stages = build_llamacpp_pristine(cache_env_at(basetemp))
     (basetemp / PREBUILT).write_text(json.dumps({"stages": stages}))
+    config.stash[PREBUILD_SECONDS] = time.monotonic() - started
+
+
+PREBUILD_SECONDS = pytest.StashKey[float]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """pytest's own time starts after pytest_sessionstart: the prebuild's is said beside it."""
+    seconds = config.stash.get(PREBUILD_SECONDS, None)
+    if seconds is not None:
+        terminalreporter.write_line(f"llama.cpp built before the tests in {seconds:.0f} s: not counted in "
+                                    f"pytest's time below; the whole run took that much longer")
 
 
 def _selects(config, test_file: Path) -> bool:
