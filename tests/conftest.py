@@ -66,11 +66,11 @@ def worker_cores(index: int, count: int, cores: list[int]) -> list[int]:
     runs on its own share, so the timed tests of one worker never share a core with the other's
     builds and models (a build on the timing core made re-timed bundles disagree with their
     record: docs/decisions.md); the lab inside a worker sees that share as the machine, as it
-    would under taskset. With fewer cores than workers they share the last core."""
+    would under taskset. With fewer cores than workers, each worker gets one core, in turn."""
+    index %= count
     per = len(cores) // count
     if per == 0:
-        return cores[-1:]
-    index %= count
+        return [cores[index % len(cores)]]
     return cores[index * per:(index + 1) * per] if index < count - 1 else cores[index * per:]
 
 
@@ -204,7 +204,6 @@ def pytest_sessionstart(session):
     if os.environ.get("PYTEST_XDIST_WORKER") or config.option.collectonly or not _selects(config, LLAMACPP_TESTS):
         return
     import json
-
     import time
 
     basetemp = config._tmp_path_factory.getbasetemp()

@@ -76,7 +76,7 @@ def pristine_build(request, tmp_path_factory):
     there, or None where the harness cannot run here (its tests then say why). A whole-suite run
     made it before its workers started, on every core (conftest.pytest_sessionstart); otherwise
     the first test here that needs it makes it, every stage printed on the terminal as it
-    happens (pytest's capture would keep a ~10-minute cold build silent)."""
+    happens (pytest's capture would keep a cold build of several minutes silent)."""
     made = prebuilt_llamacpp(tmp_path_factory.getbasetemp())
     if made is not None:
         return made["stages"]

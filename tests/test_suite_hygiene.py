@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import HERE, REPO, SLOW, _pids, stop_started, worker_cores, xdist_group
+from conftest import HERE, REPO, SLOW, _pids, _selects, stop_started, worker_cores, xdist_group
 
 
 def test_every_run_shows_the_slowest_tests_and_uses_two_workers():
@@ -28,6 +28,24 @@ def test_each_worker_gets_its_own_cores():
     assert [worker_cores(i, 2, [0, 1, 2, 3]) for i in range(2)] == [[0, 1], [2, 3]]
     assert [worker_cores(i, 2, [0, 1, 2]) for i in range(2)] == [[0], [1, 2]]
     assert [worker_cores(i, 2, [5]) for i in range(2)] == [[5], [5]]  # one core: shared, never empty
+    assert [worker_cores(i, 4, [0, 1]) for i in range(4)] == [[0], [1], [0], [1]]  # -n 4 on 2 cores
+
+
+def test_the_llama_cpp_prebuild_happens_only_when_its_tests_are_selected(tmp_path):
+    def config(*args, markexpr=""):
+        return SimpleNamespace(args=list(args), option=SimpleNamespace(markexpr=markexpr),
+                               invocation_params=SimpleNamespace(dir=REPO), rootpath=REPO)
+
+    tests = HERE / "test_llamacpp_solutions.py"
+    assert _selects(config("tests"), tests)  # the README's command: pyproject's testpaths
+    assert _selects(config("tests/test_llamacpp_solutions.py::test_profile_digest"), tests)
+    assert _selects(config(str(REPO)), tests)
+    assert _selects(config("tests", markexpr="slow"), tests)
+    assert not _selects(config("tests", markexpr="not slow"), tests)
+    assert not _selects(config("tests", markexpr="docker"), tests)
+    assert not _selects(config("tests/test_stats.py"), tests)
+    assert not _selects(config("harnesses"), tests)
+    assert not _selects(config(str(tmp_path)), tests)
 
 
 def test_tests_of_one_service_or_build_share_a_worker():
@@ -49,7 +67,7 @@ def test_the_slowest_tests_are_marked_and_exist(request):
     silently fall out of the list. Checked against this session's collection (every xdist worker
     collects the whole suite) when it is the whole suite."""
     items = request.session.items
-    if {Path(str(i.fspath)).name for i in items} < {p.name for p in HERE.glob("test_*.py")}:
+    if {i.path.name for i in items} < {p.name for p in HERE.glob("test_*.py")}:
         pytest.skip("only part of the suite was collected: run the whole suite to check conftest.SLOW")
     names = {getattr(i, "originalname", i.name) for i in items}
     assert SLOW <= names, SLOW - names
