@@ -40,8 +40,10 @@ def env(published, docker_client):
     return DockerEnv(harness, client=docker_client)
 
 
-def _runner_containers(client):
-    return client.containers.list(all=True, filters={"label": "org.lab.role=runner"})
+def _runner_containers(client) -> set[str]:
+    """The ids of the runner containers on the engine (another run's may be there already: an
+    engine is shared, and a test asserts only about the containers it started)."""
+    return {c.id for c in client.containers.list(all=True, filters={"label": "org.lab.role=runner"})}
 
 
 # --- with an engine ---------------------------------------------------------------------------
@@ -80,11 +82,12 @@ def test_the_cpu_set_is_honoured(env):
 @pytest.mark.docker
 @pytest.mark.slow
 def test_a_timeout_kills_and_removes_the_container(env, docker_client):
+    before = _runner_containers(docker_client)
     start = time.monotonic()
     result = env.run(["sleep", "120"], mounts=[], timeout_s=3)
     assert result.timed_out and result.returncode is None
     assert time.monotonic() - start < 30
-    assert _runner_containers(docker_client) == []
+    assert _runner_containers(docker_client) <= before
 
 
 @pytest.mark.docker
@@ -284,16 +287,54 @@ def test_gpus_on_an_engine_without_gpu_support_name_the_fix(env, docker_client):
     import docker
 
     all_gpus = docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])
+    probe = docker_client.containers.create("local/debian:bookworm", ["true"], network_mode="none",
+                                            device_requests=[all_gpus])
     try:
-        docker_client.containers.run("local/debian:bookworm", ["true"], remove=True,
-                                     network_mode="none", device_requests=[all_gpus])
+        probe.start()  # the engine refuses GPUs when the container starts, not when it is made
     except docker.errors.APIError:
         pass  # no GPU support, as on the machines without a GPU
     else:
         pytest.skip("this engine gives containers GPUs")
+    finally:
+        probe.remove(force=True)
+    before = _runner_containers(docker_client)
     with pytest.raises(EnvironmentUnavailable, match="NVIDIA Container Toolkit"):
         env.run(["true"], mounts=[], timeout_s=60, gpus=[0])
-    assert _runner_containers(docker_client) == []
+    assert _runner_containers(docker_client) <= before
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_the_containers_of_a_killed_lab_are_swept_and_no_one_elses(env, docker_client):
+    """A lab killed by kill -9 cannot remove its runner's container, which may still be running
+    on the cores a resumed run will time on: the next DockerEnv of this host kills and removes it.
+    A live lab's container, another host's, and one without an owner are left alone."""
+    import docker
+
+    from lab.envs.docker import OWNER_LABEL, ROLE_LABEL
+    from lab.system.process import owner_identity
+
+    ended = subprocess.Popen(["true"])
+    dead_owner = owner_identity(ended.pid)
+    ended.wait()
+    owners = {"killed": dead_owner, "live": owner_identity(),
+              "elsewhere": "another-host/boot/1/1", "unlabelled": None}
+    made = {}
+    try:
+        for what, owner in owners.items():
+            labels = {ROLE_LABEL: "runner", **({OWNER_LABEL: owner} if owner else {})}
+            made[what] = docker_client.containers.run("local/debian:bookworm", ["sleep", "300"],
+                                                      detach=True, network_mode="none", labels=labels)
+        env.run(["true"], mounts=[], timeout_s=60)
+        left = _runner_containers(docker_client)
+        assert made["killed"].id not in left
+        assert {made[w].id for w in ("live", "elsewhere", "unlabelled")} <= left
+    finally:
+        for container in made.values():
+            try:
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                pass  # swept
 
 
 class _FakeImage:

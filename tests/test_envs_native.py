@@ -98,3 +98,20 @@ def test_a_runner_dies_with_the_lab_that_started_it_from_a_thread(cdot, tmp_path
         if lab.poll() is None:
             os.killpg(lab.pid, signal.SIGKILL)
             lab.wait()
+
+
+def test_an_owner_identity_tells_a_live_process_from_an_ended_or_reused_one():
+    """What the container sweep of lab/envs/docker.py judges a killed lab by."""
+    from lab.system.process import owner_gone, owner_identity
+
+    me = owner_identity()
+    assert not owner_gone(me)
+    ended = subprocess.Popen(["true"])
+    identity = owner_identity(ended.pid)
+    ended.wait()
+    assert owner_gone(identity)
+    host, boot, pid, started = me.split("/")
+    assert owner_gone(f"{host}/{boot}/{pid}/{int(started) + 1}")  # the pid reused by another process
+    assert owner_gone(f"{host}/another-boot/{pid}/{started}")  # the machine rebooted since
+    assert not owner_gone(f"another-host/{boot}/{pid}/{started}")  # not this machine's to judge
+    assert not owner_gone("not an identity")

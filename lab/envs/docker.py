@@ -2,8 +2,11 @@
 
 The container gets the mounts it is given (read-only unless asked), the CPU set, the GPUs it is
 given, no network unless asked, no secrets, and a build-cache volume of its own; it runs as a
-non-root user with no capabilities and no-new-privileges, and is always removed. The environment
-names itself by the image's repo digest.
+non-root user with no capabilities and no-new-privileges, and is always removed: by the run that
+started it, or, when that lab process was killed (kill -9, a crash, a reboot), by the next DockerEnv
+of this host, which sweeps the runner containers whose owner (OWNER_LABEL) is gone, so that an
+orphan never keeps running on the cores a resumed run times on. The environment names itself by
+the image's repo digest.
 
 Candidate code gets the same sandbox as natively: the runner in the container starts it under
 bubblewrap (lab/sandbox.py; the image has it), unprivileged, in a user namespace of its own. For
@@ -25,6 +28,7 @@ from ..errors import EnvironmentUnavailable, LabError
 from ..extras import require
 from ..harness import resolve_image
 from .base import Env, Mount, RunResult
+from ..system.process import owner_gone, owner_identity
 from .native import SECRET_MARKERS
 
 # The runner's build cache inside the container: a named volume, apart from the host's cache, so
@@ -35,6 +39,8 @@ NOBODY = "65534:65534"  # for an image that declares no non-root user
 # What the runner's container needs so that bubblewrap can sandbox candidate code inside it.
 SANDBOX_SECURITY_OPT = ["no-new-privileges", "seccomp=unconfined", "apparmor=unconfined"]
 SANDBOX_HOST_CONFIG: dict[str, list] = {"MaskedPaths": [], "ReadonlyPaths": []}  # `--security-opt systempaths=unconfined`
+ROLE_LABEL = "org.lab.role"  # "runner" on every container the lab starts
+OWNER_LABEL = "org.lab.owner"  # the lab process that started it (system.process.owner_identity)
 
 
 def engine_address() -> str:
@@ -77,6 +83,7 @@ class DockerEnv(Env):
         self.harness = harness
         self._image = image or os.environ.get("LAB_IMAGE") or ""
         self._client = client
+        self._swept = False
 
     # --- what runs where -------------------------------------------------------------------
     @property
@@ -157,6 +164,7 @@ class DockerEnv(Env):
         start = time.monotonic()
         label = re.sub(r"[^a-zA-Z0-9_.-]", "-", getattr(self.harness, "name", "") or "run")
         name = f"lab-{label}-{uuid.uuid4().hex[:10]}"
+        self._remove_orphans()
         container = self._start(image, argv, name, user, child_env, self._volumes(mounts, user),
                                 self._device_requests(gpus), cpus=cpus, network=network)
         try:
@@ -202,7 +210,8 @@ class DockerEnv(Env):
                 device_requests=device_requests or None, cap_drop=["ALL"], security_opt=SANDBOX_SECURITY_OPT)
             host_config.update(SANDBOX_HOST_CONFIG)
             created = api.create_container(image.id, list(argv), name=name, user=user, environment=child_env,
-                                           host_config=host_config, labels={"org.lab.role": "runner"},
+                                           host_config=host_config,
+                                           labels={ROLE_LABEL: "runner", OWNER_LABEL: owner_identity()},
                                            detach=True)
             api.start(created["Id"])
             return self.client.containers.get(created["Id"])
@@ -230,6 +239,26 @@ class DockerEnv(Env):
             except docker.errors.APIError:
                 pass  # it ended in the meantime
             return None, True
+
+    def _remove_orphans(self) -> None:
+        """Once per environment: kill and remove the runner containers of this host whose lab
+        process is gone. Another host's, another live lab's, and any without an owner label (not
+        ours to judge) are left alone."""
+        if self._swept:
+            return
+        self._swept = True
+        docker = require("docker")
+        try:
+            found = self.client.api.containers(all=True, filters={"label": f"{ROLE_LABEL}=runner"})
+        except docker.errors.DockerException:
+            return  # the run itself will say what is wrong with the engine
+        for c in found:
+            owner = (c.get("Labels") or {}).get(OWNER_LABEL)
+            if owner and owner_gone(owner):
+                try:
+                    self._remove(c["Id"])
+                except docker.errors.APIError:
+                    pass  # another lab is removing it
 
     def _remove(self, name: str) -> None:
         docker = require("docker")

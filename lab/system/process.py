@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import threading
+from pathlib import Path
 from typing import Iterable, Mapping
 
 ENV_CPUS = "LAB_RUNNER_CPUS"  # comma-separated CPU indices
@@ -65,3 +67,45 @@ def _watch(fd: int) -> None:
 
 def _die() -> None:
     os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+# --- who owns something outside this process (a container) -------------------------------------
+def owner_identity(pid: int | None = None) -> str:
+    """This machine and process, named so that neither a reused pid nor a reboot is mistaken for
+    it: host/boot id/pid/start time (clock ticks since boot; /proc's, so "-" off Linux)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}/{_boot_id()}/{pid}/{_start_ticks(pid) or '-'}"
+
+
+def owner_gone(identity: str) -> bool:
+    """Whether the process an `owner_identity` names has ended, as far as this machine can tell:
+    True only for an owner of this host that is gone (another boot, or no such process); an owner
+    of another host, or a label that does not parse, is never taken for gone."""
+    parts = identity.split("/")
+    if len(parts) != 4 or parts[0] != socket.gethostname() or not parts[2].isdigit():
+        return False
+    host, boot, pid, started = parts
+    if boot != _boot_id():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # it exists, as another user's
+    return started != "-" and _start_ticks(int(pid)) != started
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "-"
+
+
+def _start_ticks(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command's parentheses
