@@ -79,6 +79,12 @@ def time_pairs(harness: Harness, incumbent: Build, candidate: Build, *, seed: in
                         a = harness.sample(loaded_a, sample_seed)
                     pairs.append(Pair(index=len(pairs), order=order, incumbent=a, candidate=b,
                                       block=block_index, loaded_first="A" if a_first else "B"))
+                    if (len(pairs) >= min_pairs and time.monotonic() - start >= max_seconds
+                            and not (rotate and block_index % 2 == 0)):
+                        # The budget is spent: the block ends here rather than overrun it by up to
+                        # PAIRS_PER_BLOCK - 1 samples (half a minute of llama.cpp on a CPU). A
+                        # rotating harness ends only in a B-first block, as the stop rule below.
+                        break
             if telemetry is not None:
                 blocks.append(getattr(monitor, "result", None) or TelemetryBlock(index=block_index))
             block_index += 1

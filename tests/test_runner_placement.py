@@ -3,6 +3,9 @@ timed ~1.2% slower on an H200). The runner loads the two sides separately even f
 harness with rotate_placement reloads both every block, alternating which is allocated first."""
 
 import random
+import time
+
+import pytest
 
 from lab import stats
 from lab.harness import Harness
@@ -58,3 +61,24 @@ def test_rotation_cancels_placement_bias():
     assert {p.loaded_first for p in pairs} == {"A", "B"}
     assert sum(p.loaded_first == "A" for p in pairs) == sum(p.loaded_first == "B" for p in pairs)
     assert ci[0] < 0 < ci[1]  # identical sides: no effect left
+
+
+class SlowHarness(PlacementHarness):
+    """Every sample takes 50 ms of wall time."""
+
+    def sample(self, loaded, seed):
+        time.sleep(0.05)
+        return Sample(seconds=0.05, value=20.0)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_a_spent_budget_ends_the_block_once_the_minimum_pairs_are_there(rotate):
+    """Slow samples (llama.cpp on a CPU: ~8 s a pair) would overrun the budget by a whole block;
+    the block ends at the first pair past the budget with the minimum reached, in a B-first block
+    for a rotating harness."""
+    build = Build(ok=True, source_hash="x", artifact="x")
+    # (a rotating harness: its A-first block whole, then one pair of the B-first one)
+    pairs, _, _ = time_pairs(SlowHarness(rotate), build, build, seed=3, delta=0.01, min_pairs=2,
+                                   min_seconds=0, max_seconds=0.15)
+    assert len(pairs) == (PAIRS_PER_BLOCK + 1 if rotate else 2)
+    assert pairs[-1].loaded_first == ("B" if rotate else "A")
