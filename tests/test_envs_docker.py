@@ -323,7 +323,7 @@ def test_the_containers_of_a_killed_lab_are_swept_and_no_one_elses(env, docker_c
     try:
         for what, owner in owners.items():
             labels = {ROLE_LABEL: "runner", **({OWNER_LABEL: owner} if owner else {})}
-            made[what] = docker_client.containers.run("local/debian:bookworm", ["sleep", "300"],
+            made[what] = docker_client.containers.run("local/debian:bookworm", ["sleep", "600"],
                                                       detach=True, network_mode="none", labels=labels)
         env.run(["true"], mounts=[], timeout_s=60)
         left = _runner_containers(docker_client)
@@ -373,12 +373,16 @@ class _FakeClient:
             def remove_container(self, name, **kw):
                 client.removed.append(name)
 
+            def containers(self, **kw):
+                return []  # no runner container of a killed lab to sweep
+
         self.api = Api()
 
 
 def test_the_container_request_carries_gpus_cpus_mounts_and_no_network(tmp_path, monkeypatch):
     docker = pytest.importorskip("docker")
     from lab.envs.docker import CACHE_VOLUME, DockerEnv
+    from lab.system.process import owner_identity
 
     harness = load(locked_copy(tmp_path / "cdot"))
     monkeypatch.setattr(type(harness), "environment",
@@ -405,6 +409,7 @@ def test_the_container_request_carries_gpus_cpus_mounts_and_no_network(tmp_path,
     assert isinstance(request, docker.types.DeviceRequest)
     assert request["DeviceIDs"] == ["1"] and request["Capabilities"] == [["gpu"]]
     assert kw["environment"]["LAB_CACHE"] == "/cache"
+    assert kw["labels"] == {"org.lab.role": "runner", "org.lab.owner": owner_identity()}
     assert client.removed == [kw["name"]]
     # A GPU harness given no GPU list gets them all; a CPU list of none leaves the CPU set alone.
     env.run(["true"], mounts=[], timeout_s=10)

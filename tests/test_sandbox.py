@@ -61,11 +61,12 @@ def test_no_network(stage):
 def test_time_limit_kills_the_whole_tree(stage):
     box = sb.Sandbox(binds=[sb.Bind(stage, writable=True)])
     start = time.monotonic()
-    result = sh(box, "(setsid sleep 300 &) ; sleep 300 & sleep 300", seconds=1.5)
+    # 317: a duration no other test sleeps, since the other xdist worker's processes are seen too
+    result = sh(box, "(setsid sleep 317 &) ; sleep 317 & sleep 317", seconds=1.5)
     assert result.timed_out and result.returncode is None
     assert time.monotonic() - start < 12
     time.sleep(0.3)
-    left = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True).stdout
+    left = subprocess.run(["pgrep", "-f", "sleep 317"], capture_output=True, text=True).stdout
     assert not left.strip(), f"processes outlived the sandbox: {left}"
 
 
