@@ -283,3 +283,17 @@ def test_an_import_error_is_reported_at_start(tmp_path, needs_mlx):
     with pytest.raises(driver.WorkerError, match="ModuleNotFoundError: No module named 'no_such_module_anywhere'"):
         worker.wait_ready()
     worker.close()
+
+
+def test_the_worker_has_no_torch_even_where_it_is_installed(tmp_path, needs_mlx):
+    """transformers (through mlx_lm) would import torch in every worker; an MLX pipeline runs
+    without it, as on a Mac (interface.md)."""
+    driver = _module("driver")
+    (tmp_path / "inference.py").write_text(
+        "import transformers.utils\n"
+        "assert not transformers.utils.is_torch_available()\n"
+        "import torch\n")
+    worker = driver.Worker(tmp_path / "inference.py", str(tmp_path), label="torch")
+    with pytest.raises(driver.WorkerError, match="ModuleNotFoundError: import of torch halted"):
+        worker.wait_ready()
+    worker.close()

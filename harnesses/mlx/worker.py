@@ -197,6 +197,11 @@ def main(argv=None) -> int:
     p.add_argument("--reference", action="store_true")
     args = p.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
+    # An MLX worker has no torch, as on the Macs MLX is for: mlx_lm's tokenizer utilities import
+    # transformers, which imports torch whenever it is installed (the lab's CUDA extra) and then
+    # costs every worker ~2 s of CPU for nothing MLX runs. None in sys.modules makes `import torch`
+    # a ModuleNotFoundError and transformers' find_spec probe say "absent" (interface.md says so).
+    sys.modules["torch"] = None  # type: ignore[assignment]
     try:
         import mlx.core as mx
 
