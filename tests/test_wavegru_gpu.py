@@ -153,3 +153,31 @@ def test_gpu_usable_after_hang(wavegru, tmp_path):
         assert out.verdict.status == "TIMEOUT", (out.verdict, out.stderr_tail)
     out = run_evaluation(wavegru, HARNESS, tmp_path / "w2", env=get("native"), mode="check", timeout_s=TIMEOUT_S)
     assert out.verdict.status == "PASS", (out.verdict, out.stderr_tail)
+
+
+def test_noise_still_in_flight_on_the_callers_stream_is_awaited(wavegru, tmp_path):
+    """The timed samples make their noise on the default stream and launch on the launcher's own:
+    the launcher must wait for it. Here the noise is finished only after a half-second spin on the
+    default stream, so a launcher that does not wait copies it unfinished, and its check of the
+    inputs ('the noise was written') or of the outputs fails."""
+    import torch
+
+    dev = __import__(type(wavegru).__module__.rsplit(".", 1)[0] + ".device", fromlist=["Launcher"])
+    philox = __import__(type(wavegru).__module__.rsplit(".", 1)[0] + ".philox", fromlist=["gumbel_torch"])
+    (tmp_path / "src").mkdir()
+    shutil.copy(HARNESS / "kernel.cu", tmp_path / "src" / "kernel.cu")
+    build = wavegru.build(tmp_path / "src", tmp_path / "out")
+    assert build.ok, build.error
+    loaded = wavegru.load(build)
+    try:
+        G = philox.gumbel_torch(7, 64, 8)
+        reference = loaded.launcher.run(loaded.weights, G, dev.MODE_GENERATE, what="settled", placement=0)
+        assert not reference.problems, reference.problems
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(1e9))  # ~0.5 s of spinning on the default stream
+        late = G * 1.0  # ready only after the spin
+        out = loaded.launcher.run(loaded.weights, late, dev.MODE_GENERATE, what="in flight", placement=0)
+        assert not out.problems, out.problems
+        assert (out.tokens == reference.tokens).all()
+    finally:
+        wavegru.unload(loaded)

@@ -146,6 +146,12 @@ class Launcher:
         """Fresh buffers between guards: the inputs copied in, the outputs sentinel-filled, the
         workspace zeroed (on the launcher's stream)."""
         torch = self.torch
+        # A CUDA tensor given as input (the timed samples' noise) was made on the caller's stream,
+        # maybe still in flight: this stream waits for it before reading it. Without the wait the
+        # copy below raced the noise's own kernels (an H200 saw a pristine incumbent's sample
+        # fail with "the noise was written", 2026-12-03), and those kernels could overlap the
+        # timed launch, which synchronizes this stream only.
+        self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             src = torch.as_tensor(noise, device="cuda").reshape(-1)
             bufs = [("noise", T * B * V, torch.float32), ("teacher", T * B, torch.int32),
