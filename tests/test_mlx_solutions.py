@@ -147,10 +147,14 @@ def test_solution_verdict(mlx_harness, tmp_path, patch):
         _no_worker_survived()  # detached_helper's daemon died with its sandbox
         return
     if expected == "KEEP":
-        # Faster and correct: KEEP, unless other load on the machine kept the CI too wide to
-        # decide within the budget (then SAME, never WORSE or FAIL); either way clearly faster.
+        # Faster and correct: KEEP, unless the machine kept the CI too wide to decide within the
+        # budget (then SAME, never WORSE or FAIL), and every timed sample of it verified. How much
+        # faster is the machine's to say, not this test's: async_decode overlaps the host's work
+        # with MLX's, and on the one core an xdist worker has, beside the other worker, its
+        # speedup was 0.97-1.12 (2026-12-03; KEEP on two quiet cores).
+        print(f"{patch}: {status} {out.verdict.reason}")
         assert status == "KEEP" or (status == "SAME" and "budget ended" in out.verdict.reason), out.verdict
-        assert out.verdict.speedup > 1.05 and all(p.candidate.ok for p in ev.pairs)
+        assert ev.pairs and all(p.candidate.ok and p.incumbent.ok for p in ev.pairs), ev.reason
         return
     assert status == expected, (out.verdict, ev.reason, out.stderr_tail)
     if patch in FAILED_CHECKS:
