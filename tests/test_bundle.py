@@ -150,7 +150,12 @@ def test_a_bundle_measured_on_a_chosen_model_reproduces_only_on_that_model(cdot,
         reproduce(path, colleague, get("native"), tmp_path / "r2")
     colleague.use_model(model)
     report = reproduce(path, colleague, get("native"), tmp_path / "r3")
-    assert report["ok"] and report["outputs_identical"], {k: report[k] for k in ("failed", "speedup_recorded", "speedup_now")}
+    # What the model decides: the same build, the same outputs, the same verdict. Whether the
+    # re-timed CI meets the recorded one is test_native_bundle_reproduces_bit_for_bit's claim; here,
+    # minutes apart beside the other xdist worker's load, 1.72x (CI 1.69-1.75) met a recorded 1.80x
+    # (1.78-1.82) on 2026-12-03 and failed a test that is about the model.
+    assert report["correct"] and report["outputs_identical"] and report["artifact_identical"], report["failed"]
+    assert report["verdict_now"] == report["verdict_recorded"] == "KEEP", report["failed"]
 
 
 def test_a_bundle_on_the_harness_model_refuses_another(bundle, tmp_path):

@@ -485,7 +485,10 @@ class _CpuTorch:
 
     def __init__(self, torch):
         self._torch = torch
-        self.cuda = SimpleNamespace(Stream=lambda: SimpleNamespace(cuda_stream=0, synchronize=lambda: None),
+        def stream():
+            return SimpleNamespace(cuda_stream=0, synchronize=lambda: None, wait_stream=lambda other: None)
+
+        self.cuda = SimpleNamespace(Stream=stream, current_stream=stream,
                                     stream=lambda s: contextlib.nullcontext(), synchronize=lambda: None)
 
     def __getattr__(self, name):
