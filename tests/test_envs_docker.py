@@ -318,7 +318,7 @@ def test_the_containers_of_a_killed_lab_are_swept_and_no_one_elses(env, docker_c
     dead_owner = owner_identity(ended.pid)
     ended.wait()
     owners = {"killed": dead_owner, "live": owner_identity(),
-              "elsewhere": "another-host/boot/1/1", "unlabelled": None}
+              "elsewhere": "another-host/machine/boot/1/1/1", "unlabelled": None}
     made = {}
     try:
         for what, owner in owners.items():

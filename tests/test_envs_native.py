@@ -110,8 +110,10 @@ def test_an_owner_identity_tells_a_live_process_from_an_ended_or_reused_one():
     identity = owner_identity(ended.pid)
     ended.wait()
     assert owner_gone(identity)
-    host, boot, pid, started = me.split("/")
-    assert owner_gone(f"{host}/{boot}/{pid}/{int(started) + 1}")  # the pid reused by another process
-    assert owner_gone(f"{host}/another-boot/{pid}/{started}")  # the machine rebooted since
-    assert not owner_gone(f"another-host/{boot}/{pid}/{started}")  # not this machine's to judge
+    host, machine, boot, pidns, pid, started = me.split("/")
+    assert owner_gone(f"{host}/{machine}/{boot}/{pidns}/{pid}/{int(started) + 1}")  # the pid reused since
+    assert owner_gone(f"{host}/{machine}/another-boot/{pidns}/{pid}/{started}")  # the machine rebooted since
+    assert not owner_gone(f"another-host/{machine}/{boot}/{pidns}/{pid}/{started}")  # not this machine
+    assert not owner_gone(f"{host}/another-machine/{boot}/{pidns}/{pid}/{started}")  # a namesake host
+    assert not owner_gone(f"{host}/{machine}/{boot}/1/{ended.pid}/1")  # another pid namespace: its pids aren't ours
     assert not owner_gone("not an identity")

@@ -4,6 +4,7 @@ solution patch, each verdict asserted."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -162,8 +163,8 @@ def test_noise_still_in_flight_on_the_callers_stream_is_awaited(wavegru, tmp_pat
     inputs ('the noise was written') or of the outputs fails."""
     import torch
 
-    dev = __import__(type(wavegru).__module__.rsplit(".", 1)[0] + ".device", fromlist=["Launcher"])
-    philox = __import__(type(wavegru).__module__.rsplit(".", 1)[0] + ".philox", fromlist=["gumbel_torch"])
+    package = type(wavegru).__module__.rsplit(".", 1)[0]  # the harness's modules, as the lab loaded them
+    dev, philox = (importlib.import_module(f"{package}.{name}") for name in ("device", "philox"))
     (tmp_path / "src").mkdir()
     shutil.copy(HARNESS / "kernel.cu", tmp_path / "src" / "kernel.cu")
     build = wavegru.build(tmp_path / "src", tmp_path / "out")

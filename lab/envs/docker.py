@@ -27,8 +27,8 @@ import uuid
 from ..errors import EnvironmentUnavailable, LabError
 from ..extras import require
 from ..harness import resolve_image
-from .base import Env, Mount, RunResult
 from ..system.process import owner_gone, owner_identity
+from .base import Env, Mount, RunResult
 from .native import SECRET_MARKERS
 
 # The runner's build cache inside the container: a named volume, apart from the host's cache, so

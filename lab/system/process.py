@@ -5,6 +5,10 @@ as unsafe in a process with threads (the child may deadlock before exec). So the
 runner's placement in its environment (`placement_env`) and the runner applies it first thing
 (`place_self`): its CPU set, and its death with the lab, even by kill -9, so that an orphaned
 runner never keeps a hung kernel or a core busy.
+
+What the lab starts outside its own process tree (a runner's container) cannot die with it; it
+carries `owner_identity()` instead, and `owner_gone` tells whoever finds it later whether its lab
+is still alive (lab/envs/docker.py sweeps those whose lab is gone).
 """
 
 from __future__ import annotations
@@ -70,23 +74,35 @@ def _die() -> None:
 
 
 # --- who owns something outside this process (a container) -------------------------------------
+# A process named so that nothing else is taken for it: the machine (host name and machine id: two
+# VMs may share a host name, two clones a machine id), the boot (a reboot ends every process), the
+# pid namespace (a lab in a container shares the boot with the host's labs but not their pids),
+# the pid and its start time (a pid is reused). "-" where the system has no such thing (not Linux).
+OWNER_FIELDS = ("host", "machine", "boot", "pidns", "pid", "started")
+
+
 def owner_identity(pid: int | None = None) -> str:
-    """This machine and process, named so that neither a reused pid nor a reboot is mistaken for
-    it: host/boot id/pid/start time (clock ticks since boot; /proc's, so "-" off Linux)."""
+    """This process (or `pid`, of this machine and pid namespace), as OWNER_FIELDS joined by "/"."""
     pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()}/{_boot_id()}/{pid}/{_start_ticks(pid) or '-'}"
+    return "/".join([*_here(), str(pid), _start_ticks(pid) or "-"])
 
 
 def owner_gone(identity: str) -> bool:
-    """Whether the process an `owner_identity` names has ended, as far as this machine can tell:
-    True only for an owner of this host that is gone (another boot, or no such process); an owner
-    of another host, or a label that does not parse, is never taken for gone."""
+    """Whether the process an `owner_identity` names has ended, as far as this process can tell:
+    True only when it was of this machine and is gone (the machine rebooted since, or no such
+    process in this pid namespace). Another machine's, another pid namespace's, or a label that
+    does not parse, is never taken for gone."""
     parts = identity.split("/")
-    if len(parts) != 4 or parts[0] != socket.gethostname() or not parts[2].isdigit():
+    if len(parts) != len(OWNER_FIELDS) or not parts[4].isdigit():
         return False
-    host, boot, pid, started = parts
-    if boot != _boot_id():
+    host, machine, boot, pidns, pid, started = parts
+    here_host, here_machine, here_boot, here_pidns = _here()
+    if (host, machine) != (here_host, here_machine):
+        return False
+    if boot != here_boot:
         return True
+    if pidns != here_pidns:
+        return False
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -96,11 +112,24 @@ def owner_gone(identity: str) -> bool:
     return started != "-" and _start_ticks(int(pid)) != started
 
 
-def _boot_id() -> str:
+def _here() -> list[str]:
+    """host, machine, boot and pid namespace of this process."""
+    return [socket.gethostname(), _read("/etc/machine-id"), _read("/proc/sys/kernel/random/boot_id"),
+            "".join(c for c in _link("/proc/self/ns/pid") if c.isdigit()) or "-"]
+
+
+def _read(path: str) -> str:
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return Path(path).read_text().strip().replace("/", "-") or "-"
     except OSError:
         return "-"
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
 
 
 def _start_ticks(pid: int) -> str | None:
