@@ -572,6 +572,34 @@ def test_driver_prompts_come_from_the_seed(lc):
     assert len(set(o.probe_seeds([5, 6]))) == o.N_PROBES
 
 
+def test_the_greedy_probes_end_at_the_first_that_differs(lc):
+    """One differing probe fails the check; the later ones are not run (a wrong candidate's
+    evaluation is two driver runs and scorings shorter), and the line says so."""
+    from lab.sdk import Sample
+
+    o = lc["oracle"]
+    asked = []
+
+    def greedy(answers):
+        def run(seed):
+            asked.append(seed)
+            ok = answers[len(asked) - 1]
+            return Sample(seconds=1.0, value=64.0, ok=ok, detail="final logits abc" if ok else "token 3 is 9")
+        return run
+
+    seeds = o.probe_seeds([5, 6])
+    lines, hashes = [], {}
+    item = o._greedy(greedy([True, False, True]), seeds, lines, hashes)
+    assert not item.passed and asked == seeds[:2] and item.values["ran"] == 2
+    assert "probe 1: token 3 is 9" in item.detail and hashes == {"greedy:probe0": "abc"}
+    assert lines[0].startswith(f"greedy tokens: probe 1 of {o.N_PROBES} differs") and "not run" in lines[0]
+    asked.clear()
+    lines, hashes = [], {}
+    item = o._greedy(greedy([True] * o.N_PROBES), seeds, lines, hashes)
+    assert item.passed and asked == seeds and len(hashes) == o.N_PROBES
+    assert lines[0].startswith(f"greedy tokens: {o.N_PROBES}/{o.N_PROBES} probes match")
+
+
 def _fake_driver(tmp_path, body: str):
     """A stand-in for lab-llama-driver (same protocol), in the driver's own sandbox."""
     bindir = tmp_path / "bin"

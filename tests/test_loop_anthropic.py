@@ -58,7 +58,7 @@ def test_loop_with_the_anthropic_agent(cdot, cdot_repo, tmp_path, monkeypatch):
     events = lab.folder.events()
     evaluated = [e for e in events if e["type"] == "evaluated"]
     assert [(e["description"], e["verdict"]["status"]) for e in evaluated] == [
-        ("drop volatile", "KEEP"), ("volatile again", "WORSE")]
+        ("drop volatile", "KEEP"), ("volatile again", "WORSE")], [e["verdict"] for e in evaluated]
     failed = [e for e in events if e["type"] == "agent_failed"]
     assert failed[0]["reason"] == "submitted no change" and failed[-1].get("fatal")
     assert any(e["type"] == "research" and "volatile" in e["text"] for e in events)
