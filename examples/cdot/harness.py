@@ -70,7 +70,8 @@ class CDot(Harness):
     # delta/2, so nearly every evaluation runs to this cap: 3 s is 100+ pairs, which decides the
     # shipped solutions (about 1.9x and 0.3x) by far, and keeps the quickstart and the lab's tests
     # (which time cdot some hundred times) short. 8 s cost the suite minutes and decided nothing
-    # more (2026-12-03).
+    # more (2026-12-03, the 2-core dev VM: solutions/wrong/slower.patch through run_evaluation on
+    # one core ran 286 and 296 pairs into the 8 s cap, WORSE both times).
     max_timing_seconds = 3.0
 
     def build(self, src: Path, out: Path) -> Build:

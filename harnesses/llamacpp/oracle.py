@@ -205,26 +205,20 @@ def probe_seeds(seeds: list[int]) -> list[int]:
 
 def _greedy(greedy, seeds: list[int], lines, hashes) -> CheckItem:
     """The probes in turn, up to the first that differs: one wrong answer fails the check, and the
-    rest would only cost a wrong candidate's evaluation two more driver runs and scorings (~15 s
-    on one core) to say the same."""
-    differ, ran = [], 0
+    rest would only cost a wrong candidate's check two more driver runs and scorings to say the
+    same (43-44 s -> 25 s a check on one core of the 2-core dev VM, 2026-12-03, the suite's
+    greedy-only cheats)."""
+    n, what = len(seeds), f"{driver.N_GEN} tokens after a secret prompt, the timed workload's driver"
     for i, seed in enumerate(seeds):
         sample: Sample = greedy(seed)
-        ran += 1
         if not sample.ok:
-            differ.append(f"probe {i}: {sample.detail}")
-            break
+            lines.append(f"greedy tokens: probe {i} of {n} differs from the baseline ({what}); "
+                         f"{n - i - 1} later probe(s) not run: one differing probe fails the check")
+            return CheckItem("greedy_tokens", False, {"probes": n, "ran": i + 1, "differing": 1,
+                                                      "n_gen": driver.N_GEN}, f"probe {i}: {sample.detail}"[:1500])
         hashes[f"greedy:probe{i}"] = sample.detail.rsplit("final logits ", 1)[-1]
-    ok = not differ
-    if ok:
-        lines.append(f"greedy tokens: {ran}/{len(seeds)} probes match the baseline "
-                     f"({driver.N_GEN} tokens each after a secret prompt, the timed workload's driver)")
-    else:
-        lines.append(f"greedy tokens: probe {ran - 1} of {len(seeds)} differs from the baseline "
-                     f"({driver.N_GEN} tokens after a secret prompt, the timed workload's driver); "
-                     f"{len(seeds) - ran} later probe(s) not run: one differing probe fails the check")
-    return CheckItem("greedy_tokens", ok, {"probes": len(seeds), "ran": ran, "differing": len(differ),
-                                           "n_gen": driver.N_GEN}, "; ".join(differ)[:1500])
+    lines.append(f"greedy tokens: {n}/{n} probes match the baseline ({what})")
+    return CheckItem("greedy_tokens", True, {"probes": n, "ran": n, "differing": 0, "n_gen": driver.N_GEN}, "")
 
 
 def _logits(candidate: Tools, reference: Reference, seeds, lines) -> CheckItem:
